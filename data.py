@@ -1,0 +1,415 @@
+"""Data: tokenizers, data sets, prompt templates, batching with loss masks,
+the built-in arithmetic task, and the evaluation helpers (exact match, ROUGE).
+
+Paper: Cen et al., "Bridging the Training-Inference Gap in LLMs by Leveraging
+Self-Generated Tokens". Templates are appendix A.1; batching follows A.2
+(right padding, no packing).
+"""
+import json
+import os
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+# r50k_base (the GPT-2 vocabulary) is read from assets/ so no network is needed.
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parent / "assets" / "tiktoken"))
+
+import tiktoken  # noqa: E402  (must come after the cache dir is set)
+import torch  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Tokenizers: everything is a tiktoken.Encoding underneath.
+
+# The pre-tokenizer regex of r50k_base (GPT-2), as tiktoken writes it.
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# GPT-2's regex after a Hugging Face Digits(individual_digits) step (SmolLM2):
+# every digit is its own piece, and whitespace before a digit ends a piece,
+# as it would at the end of the stretch the Digits step cut off.
+DIGITS_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++|\s++(?:$|(?=\p{N}))|\s+(?!\S)|\s"""
+
+
+@dataclass
+class Tokenizer:
+    enc: tiktoken.Encoding
+    eos_id: int  # appended to every response; generation stops on it
+    pad_id: int  # padding is always masked, so it may equal eos_id
+    chat: str | None  # "chatml", "zephyr" or None
+    name: str  # "bytes", "r50k_base" or "tokenizer.json"
+
+    def encode(self, text: str) -> list[int]:
+        # Special-token strings in user text stay ordinary text: specials only
+        # enter through special(), never through text.
+        return self.enc.encode(text, disallowed_special=())
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
+
+    def special(self, s: str) -> int:
+        if s not in self.enc.special_tokens_set:
+            raise KeyError(f"tokenizer {self.name!r} has no special token {s!r}; it has {sorted(self.enc.special_tokens_set)}")
+        return self.enc.encode_single_token(s)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+
+def byte_tokenizer() -> Tokenizer:
+    # 256 byte tokens and no merges: any UTF-8 text round-trips, vocab 257.
+    enc = tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={"<|endoftext|>": 256})
+    return Tokenizer(enc, eos_id=256, pad_id=256, chat=None, name="bytes")
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    return Tokenizer(tiktoken.get_encoding("r50k_base"), eos_id=50256, pad_id=50256, chat=None, name="r50k_base")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's table: byte-level BPE vocabularies spell every byte as a printable character.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _pattern(pre: dict | None, path: Path) -> str:
+    """The regex that reproduces a tokenizer.json pre_tokenizer, or ValueError."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
+    pat, digits = GPT2_PAT, False
+    for s in steps:
+        kind = (s or {}).get("type")
+        if kind == "ByteLevel" and not s.get("add_prefix_space", False):
+            pass  # bytes -> characters only; the splitting is the regex
+        elif kind == "Split" and "Regex" in s.get("pattern", {}):
+            pat = s["pattern"]["Regex"]
+        elif kind == "Digits" and s.get("individual_digits"):
+            digits = True
+        else:
+            raise ValueError(f"{path}: unsupported pre_tokenizer step {s}")
+    if digits and pat != GPT2_PAT:
+        raise ValueError(f"{path}: Digits together with a Split regex is not supported")
+    return DIGITS_PAT if digits else pat
+
+
+def _tokenizer_from_json(folder: Path) -> Tokenizer:
+    """A Hugging Face byte-level BPE tokenizer.json as a tiktoken.Encoding.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest id;
+    HF merges by the order of the merges list. The two agree when ids follow
+    merge order, which holds for vocabularies trained by BPE (GPT-2, SmolLM2);
+    test_tokenizer_json_matches_hf checks it against the tokenizers library.
+    """
+    path = folder / "tokenizer.json"
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    if tj["model"]["type"] != "BPE" or tj.get("normalizer") is not None:
+        raise ValueError(f"{path}: only byte-level BPE without a normalizer is supported")
+    specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    special_ids = set(specials.values())
+    try:
+        ranks = {bytes(byte_of[c] for c in s): i for s, i in tj["model"]["vocab"].items() if i not in special_ids}
+    except KeyError as e:
+        raise ValueError(f"{path}: vocabulary is not byte-level (character {e} has no byte)") from None
+    enc = tiktoken.Encoding(name="tokenizer.json", pat_str=_pattern(tj.get("pre_tokenizer"), path),
+                            mergeable_ranks=ranks, special_tokens=specials)
+
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    eos = cfg.get("eos_token") or "<|endoftext|>"
+    eos = eos["content"] if isinstance(eos, dict) else eos
+    # Newer transformers save the chat template beside the config.
+    jinja = folder / "chat_template.jinja"
+    template = jinja.read_text(encoding="utf-8") if jinja.exists() else str(cfg.get("chat_template") or "")
+    chat = "chatml" if "<|im_start|>" in template else "zephyr" if template else None
+    if eos not in specials:
+        raise ValueError(f"{path}: eos token {eos!r} is not among the added tokens {sorted(specials)}")
+    return Tokenizer(enc, eos_id=specials[eos], pad_id=specials[eos], chat=chat, name="tokenizer.json")
+
+
+def load_tokenizer(ckpt_dir) -> Tokenizer:
+    folder = Path(ckpt_dir)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    if "tiktoken" in cfg:  # our own checkpoints
+        makers = {"bytes": byte_tokenizer, "r50k_base": gpt2_tokenizer}
+        if cfg["tiktoken"] not in makers:
+            raise ValueError(f"{cfg_path}: unknown tiktoken {cfg['tiktoken']!r}, expected one of {list(makers)}")
+        return makers[cfg["tiktoken"]]()
+    if (folder / "tokenizer.json").exists():
+        return _tokenizer_from_json(folder)
+    if cfg.get("model_type") == "gpt2":
+        return gpt2_tokenizer()
+    raise ValueError(f"{folder}: no tokenizer found: need config.json with 'tiktoken', "
+                     f"a tokenizer.json, or config.json with model_type 'gpt2'")
+
+# -----------------------------------------------------------------------------
+# Data sets: JSONL files of examples.
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Example:
+    prompt: str | list[dict]  # plain text, or the chat turns before the target
+    response: str  # the reference continuation y, without end-of-text
+    answer: str | None = None  # final answer for exact match
+    line: int = 0  # line in the source file, for error messages (0: not from a file)
+
+
+def _field(obj: dict, key: str, kind: type, where: str):
+    if key not in obj:
+        raise DataError(f"{where}: missing field {key!r}")
+    if not isinstance(obj[key], kind):
+        raise DataError(f"{where}: field {key!r} must be {kind.__name__}, got {type(obj[key]).__name__}")
+    return obj[key]
+
+
+def _example(obj, where: str, line: int) -> Example:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        turns = _field(obj, "messages", list, where)
+        for t in turns:
+            if not isinstance(t, dict) or not isinstance(t.get("role"), str) or not isinstance(t.get("content"), str):
+                raise DataError(f"{where}: field 'messages' must hold objects with string 'role' and 'content'")
+        # The target must be the end of the conversation, with something before it.
+        if len(turns) < 2 or turns[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field 'messages' must end with an assistant turn that has >= 1 turn before it")
+        ex = Example(turns[:-1], turns[-1]["content"], line=line)
+    elif "question" in obj:
+        q, a = _field(obj, "question", str, where), _field(obj, "answer", str, where)
+        ex = Example(q, a, answer=extract_answer(a), line=line)
+    elif "prompt" in obj or "response" in obj:
+        ex = Example(_field(obj, "prompt", str, where), _field(obj, "response", str, where), line=line)
+    else:
+        raise DataError(f"{where}: unknown shape with keys {sorted(obj)}; expected prompt/response, messages, or question/answer")
+    if not ex.response.strip():
+        raise DataError(f"{where}: empty response")
+    return ex
+
+
+def read_jsonl(path) -> list[Example]:
+    path = Path(path)
+    examples = []
+    with open(path, "rb") as f:  # binary, so a bad byte is reported with its line
+        for line, raw in enumerate(f, 1):
+            where = f"{path}:{line}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            examples.append(_example(obj, where, line))
+    if not examples:
+        raise DataError(f"{path}: no examples (file is empty)")
+    return examples
+
+# -----------------------------------------------------------------------------
+# Prompt templates (appendix A.1) and encoding examples into token rows.
+
+QA_SYSTEM = ("You are a helpful assistant to answer user's question. Your will be given both a question and reference "
+             "response. You need to give a new response to the question and contain the main content in the reference response.")
+QA_REF = "{x}\nAnswer this question based on the following reference response: {y}"
+MATH_PROMPT = "{x}\nLet's think step by step."
+TLDR_PROMPT = "{x}\nTL;DR:"
+TLDR_REF = ("[POST]: {x} [REFERENCE SUMMARY]: {y}\n\nRe-write a new summary of the post and cover the main content "
+            "in the reference summary. TL;DR:")
+TASKS = ("plain", "chat", "math", "summarize", "arith")
+
+
+@dataclass
+class Row:
+    prompt: list[int]  # x: prompt ids, template applied
+    response: list[int]  # y: response ids + [eos_id]
+    ref_prompt: list[int]  # f(x, y): the RAC reference prompt; the model continues it with a new response
+    answer: str | None  # for exact match
+    reference: str  # response text, for ROUGE
+
+
+def render_chat(turns: list[dict], tok: Tokenizer) -> list[int]:
+    """Token ids of the turns followed by the opening of the assistant's turn.
+
+    Special tokens come from tok.special and text from tok.encode, so text in
+    a turn can never become a special token. In zephyr the role tags are
+    plain text and each turn ends with eos (the paper's </s>).
+    """
+    ids = []
+    if tok.chat == "chatml":
+        start, end = tok.special("<|im_start|>"), tok.special("<|im_end|>")
+        for t in turns:
+            ids += [start] + tok.encode(f"{t['role']}\n{t['content']}") + [end] + tok.encode("\n")
+        return ids + [start] + tok.encode("assistant\n")
+    for t in turns:
+        ids += tok.encode(f"<|{t['role']}|>\n{t['content']}") + [tok.eos_id] + tok.encode("\n")
+    return ids + tok.encode("<|assistant|>\n")
+
+
+def _qa_ref_turns(turns: list[dict], y: str) -> list[dict]:
+    # f(x, y) for QA: the paper's system prompt, and the reference appended to the last user turn.
+    *before, last = [t for t in turns if t["role"] != "system"]
+    return [{"role": "system", "content": QA_SYSTEM}, *before,
+            {"role": last["role"], "content": QA_REF.format(x=last["content"], y=y)}]
+
+
+def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
+    x, y = ex.prompt, ex.response
+    if task != "chat" and not isinstance(x, str):
+        raise DataError(f"line {ex.line}: task {task!r} needs a text prompt, got chat turns")
+    if task == "plain":
+        prompt = tok.encode(x)
+        ref = tok.encode(f"{QA_SYSTEM}\n{QA_REF.format(x=x, y=y)}\n")
+    elif task == "chat":
+        turns = [{"role": "user", "content": x}] if isinstance(x, str) else x
+        prompt = render_chat(turns, tok)
+        ref = render_chat(_qa_ref_turns(turns, y), tok)
+    elif task == "math":
+        # The paper's evaluation prompt has an empty system turn.
+        prompt = render_chat([{"role": "system", "content": ""}, {"role": "user", "content": MATH_PROMPT.format(x=x)}], tok)
+        ref = render_chat(_qa_ref_turns([{"role": "user", "content": x}], y), tok)
+    elif task == "summarize":
+        prompt = tok.encode(TLDR_PROMPT.format(x=x))
+        ref = tok.encode(TLDR_REF.format(x=x, y=y.strip()))
+        y = " " + y.lstrip()  # a summary follows "TL;DR:" after one space, as in the TL;DR data
+    elif task == "arith":
+        prompt = tok.encode(x)
+        ref = tok.encode(f"ref {y}\n{x}")  # the reference answer, then the question again
+    else:
+        raise ValueError(f"unknown task {task!r}, expected one of {TASKS}")
+    return Row(prompt, tok.encode(y) + [tok.eos_id], ref, ex.answer, ex.response)
+
+
+def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int, overflow: str = "truncate") -> list[Row]:
+    """Encode and fit every row into max_len tokens: x ++ y, and f(x, y) plus at least one token.
+
+    f(x, y) holds the reference y, so whenever x ++ y overflows it overflows
+    too; "truncate" therefore cuts y inside f(x, y) as well, by the same rule
+    as the response. A prompt x that leaves no room is always an error.
+    """
+    assert overflow in ("truncate", "fail"), f"overflow must be 'truncate' or 'fail', got {overflow!r}"
+    rows, cut = [], 0
+    for i, ex in enumerate(examples, 1):
+        r = encode_example(ex, tok, task)
+        where = f"example {i}" + (f" (line {ex.line})" if ex.line else "")
+        if len(r.prompt) + 1 > max_len:
+            raise DataError(f"{where}: prompt has {len(r.prompt)} tokens, leaving no room for a response in max_len={max_len}")
+        n_ref = len(r.ref_prompt)
+        if overflow == "fail" and max(len(r.prompt) + len(r.response), n_ref + 1) > max_len:
+            raise DataError(f"{where}: prompt+response ({len(r.prompt) + len(r.response)}) or reference prompt+1 "
+                            f"({n_ref + 1}) tokens > max_len={max_len}")
+        y_ids = tok.encode(ex.response)
+        while len(r.ref_prompt) + 1 > max_len:  # each pass drops the reference tokens that overflowed
+            y_ids = y_ids[:len(y_ids) - (len(r.ref_prompt) + 1 - max_len)]
+            if not y_ids:
+                raise DataError(f"{where}: reference prompt has {n_ref} tokens and cannot fit max_len={max_len}")
+            r.ref_prompt = encode_example(Example(ex.prompt, tok.decode(y_ids)), tok, task).ref_prompt
+        if len(r.prompt) + len(r.response) > max_len or len(r.ref_prompt) < n_ref:
+            r.response = r.response[:max_len - len(r.prompt)]  # the eos goes with the cut
+            cut += 1
+        rows.append(r)
+    if cut:
+        print(f"truncated {cut} of {len(rows)} rows to max_len", file=sys.stderr)
+    return rows
+
+# -----------------------------------------------------------------------------
+# Batching: one function for SFT, BASH and RAC.
+
+
+def collate(prompts: list[list[int]], inputs: list[list[int]], targets: list[list[int]], pad_id: int,
+            masks: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (x, y, mask), B x T, no packing (appendix A.2).
+
+    Row i reads x = prompt + inputs[:-1]; position P-1+j predicts targets[j].
+    SFT: inputs = targets = y. BASH: inputs = mixed ŷ, targets = y.
+    RAC: inputs = sampled z, targets = labels z̄, masks = (z̄ != z).
+    Prompt and padding positions have mask 0 (their y is pad_id, never scored).
+    """
+    rows = []
+    for i, (p, inp, tgt) in enumerate(zip(prompts, inputs, targets, strict=True)):
+        assert len(p) >= 1 and len(inp) >= 1, f"row {i}: needs >= 1 prompt and >= 1 response token"
+        assert len(inp) == len(tgt), f"row {i}: inputs ({len(inp)}) and targets ({len(tgt)}) differ in length"
+        m = [1] * len(tgt) if masks is None else masks[i]
+        assert len(m) == len(tgt), f"row {i}: mask ({len(m)}) and targets ({len(tgt)}) differ in length"
+        rows.append((p + inp[:-1], [pad_id] * (len(p) - 1) + tgt, [0] * (len(p) - 1) + list(m)))
+    T = max(len(x) for x, _, _ in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.float)
+    for i, (xi, yi, mi) in enumerate(rows):
+        x[i, :len(xi)] = torch.tensor(xi)
+        y[i, :len(yi)] = torch.tensor(yi)
+        mask[i, :len(mi)] = torch.tensor(mi, dtype=torch.float)
+    return x, y, mask
+
+# -----------------------------------------------------------------------------
+# The built-in task: chained additions and subtractions, solved step by step,
+# so that an early mistake carries into every later step.
+
+
+def builtin_task(n: int, seed: int, terms: tuple[int, int] = (3, 5), digits: int = 2) -> list[Example]:
+    assert 2 <= terms[0] <= terms[1] and digits >= 1, f"need 2 <= terms[0] <= terms[1] and digits >= 1, got {terms}, {digits}"
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1  # no leading zeros
+    examples = []
+    for _ in range(n):
+        nums = [rng.randint(lo, hi) for _ in range(rng.randint(*terms))]
+        value, prompt, steps = nums[0], str(nums[0]), []
+        for b in nums[1:]:
+            op = "-" if value - b >= 0 and rng.random() < 0.5 else "+"  # left to right, never negative
+            new = value - b if op == "-" else value + b
+            steps.append(f"{value}{op}{b}={new}")
+            prompt += f"{op}{b}"
+            value = new
+        examples.append(Example(prompt + "=", ",".join(steps) + f" #### {value}", answer=str(value)))
+    return examples
+
+# -----------------------------------------------------------------------------
+# Evaluation: exact match on final answers, ROUGE F1 on summaries.
+
+
+def extract_answer(text: str) -> str | None:
+    """GSM8K style: what follows the last '####'; else the last number in the text."""
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "") or None
+    nums = re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", text)
+    return nums[-1].replace(",", "") if nums else None
+
+
+def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
+    if overlap == 0:
+        return 0.0
+    p, r = overlap / n_pred, overlap / n_ref
+    return 2 * p * r / (p + r)
+
+
+def rouge(pred: str, ref: str) -> dict:
+    """ROUGE-1/2/L F1 on lowercased alphanumeric tokens."""
+    a, b = re.findall(r"[a-z0-9]+", pred.lower()), re.findall(r"[a-z0-9]+", ref.lower())
+    out = {}
+    for n in (1, 2):
+        ga, gb = Counter(zip(*[a[i:] for i in range(n)])), Counter(zip(*[b[i:] for i in range(n)]))
+        out[f"rouge{n}"] = _f1(sum((ga & gb).values()), sum(ga.values()), sum(gb.values()))
+    # Longest common subsequence, one DP row at a time.
+    prev = [0] * (len(b) + 1)
+    for ta in a:
+        cur = [0]
+        for j, tb in enumerate(b):
+            cur.append(prev[j] + 1 if ta == tb else max(prev[j + 1], cur[j]))
+        prev = cur
+    out["rougeL"] = _f1(prev[-1], len(a), len(b))
+    return out
