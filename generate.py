@@ -8,6 +8,7 @@ rac_labels(): Reference-Answer-based Correction's labels (Eq. 6): sample z, then
     python generate.py --init DIR --prompt "Once upon a time" --max-new-tokens 50
 """
 import argparse
+import codecs
 import contextlib
 import sys
 
@@ -69,7 +70,9 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         logits, ids = torch.sort(logits, dim=-1, descending=True)
     if top_p is not None:  # keep the smallest prefix of the sorted tokens whose mass reaches top_p
         probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))
+        outside = probs.cumsum(dim=-1) - probs >= top_p
+        outside[..., 0] = False  # the most likely token always stays
+        logits = logits.masked_fill(outside, float("-inf"))
     probs = logits.softmax(dim=-1)
     # argmax(p / E) with E ~ Exp(1) is a draw from p (no CPU sync, unlike multinomial)
     choice = (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
@@ -140,52 +143,111 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
 
 
 # ----------------------------------------------------------------------------------------------
+# Offline builders (Algorithms 1 and 2, step 7): decode loops over the same KV cache
+
+
+def bash_mix(model, prompts, responses, beta=0.2, temperature=1.0, seed=None):
+    """Batch-Scheduled Sampling's mixed responses ŷ, one per (x, y), each the length of y.
+
+    Step j feeds the mixed prefix x ++ ŷ^<j, samples z^j ~ p(·|x, ŷ^<j) and keeps
+    ŷ^j = z^j with probability beta, else ŷ^j = y^j (Eq. 4). It is sequential: every sample is
+    conditioned on the tokens mixed before it, so it is a decode loop, one step per reference token.
+    Returns (ŷ, took): took[i][j] is True where ŷ^j is the model's token.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    lengths = torch.tensor([len(y) for y in responses], device=device)
+    L = int(lengths.max())
+    ys = torch.tensor([y + [0] * (L - len(y)) for y in responses], device=device)
+    took = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
+
+    def pick(t, logits):
+        z = sample(logits, temperature, generator=gen)
+        coin = torch.rand(len(prompts), generator=gen, device=device) < beta
+        took[:, t] = coin
+        return torch.where(coin, z, ys[:, t]), t >= lengths - 1
+
+    mixed = decode(model, prompts, L, pick).tolist()
+    took = took.tolist()
+    return ([m[:len(y)] for m, y in zip(mixed, responses)],
+            [k[:len(y)] for k, y in zip(took, responses)])
+
+
+@torch.inference_mode()
+def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, seed=None, eos_id=None):
+    """Reference-Answer-based Correction's data (Eq. 6): z ~ p(·|x), then z̄^j = argmax p(·|f(x,y), z^<j).
+
+    z is sampled until eos_id or max_new_tokens. The labels need one teacher-forced pass over the
+    token ids f(x,y) ++ z[:-1]: the position that has read f(x,y) ++ z^<j predicts z̄^j. The ids are
+    concatenated, never decoded to text and re-encoded. Returns (z, z̄, mask) with mask = (z̄ != z),
+    the positions Eq. 7 trains on.
+    """
+    z = generate(model, prompts, max_new_tokens, temperature=temperature, eos_id=eos_id, seed=seed)
+    device = next(model.parameters()).device
+    seqs = [f + zi[:-1] for f, zi in zip(ref_prompts, z)]
+    T = max(len(s) for s in seqs)
+    if T > model.config.block_size:
+        raise ValueError(f"reference prompt + sample ({T} tokens) exceed the model's block_size {model.config.block_size}")
+    idx = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # right padding: causal attention never reads it
+    with autocast(device), packed_linears(model, len(seqs)):
+        best = model(idx).argmax(dim=-1).tolist()
+    zbar = [b[len(f) - 1:len(f) - 1 + len(zi)] for b, f, zi in zip(best, ref_prompts, z)]
+    mask = [[int(a != b) for a, b in zip(zb, zi)] for zb, zi in zip(zbar, z)]
+    return z, zbar, mask
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
 def main(argv=None):
-    from data import Example, chat_prompt_ids, load_tokenizer
+    from data import load_tokenizer, render_chat
     from model import from_pretrained
 
-    p = argparse.ArgumentParser(description="Sample from a checkpoint (Hugging Face layout: config.json + model.safetensors).")
+    p = argparse.ArgumentParser(description="Sample from a checkpoint (Hugging Face layout: config.json + "
+                                            "model.safetensors, as train.py writes or transformers saves).")
     p.add_argument("--init", required=True, help="checkpoint directory")
-    p.add_argument("--prompt", default="", help="prompt text (default: start from the end-of-text token)")
+    p.add_argument("--prompt", default="", help="prompt text (empty: start from the end-of-text token)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
-    p.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch")
+    p.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch; one sample is streamed")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the smallest set of mass >= p")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-
-    tok = load_tokenizer(args.init)
-    model = from_pretrained(args.init, device=args.device).eval()
+    try:
+        tok = load_tokenizer(args.init)
+        model = from_pretrained(args.init, device=args.device).eval()
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e}")
     if args.chat:
-        ids = chat_prompt_ids(Example(prompt=[{"role": "user", "content": args.prompt}], response=""), tok)
+        ids = render_chat([{"role": "user", "content": args.prompt}], tok)
     else:
         ids = tok.encode(args.prompt) or [tok.eos_id]
     prompts = [ids] * args.num_samples
-    if args.num_samples == 1:  # stream one sample token by token
-        gen = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
-        printed = []
-
-        def pick(t, logits):
-            tok_ = sample(logits, args.temperature, args.top_k, args.top_p, gen)
-            printed.append(tok_.item())
-            if printed[-1] != tok.eos_id:
-                sys.stdout.write(tok.decode(printed[-1:]))
-                sys.stdout.flush()
-            return tok_, tok_ == tok.eos_id
-
-        print(args.prompt, end="")
-        decode(model, prompts, args.max_new_tokens, pick)
-        print()
+    if args.num_samples > 1:
+        rows = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                        tok.eos_id, args.seed)
+        for i, row in enumerate(rows):
+            print(f"--- sample {i + 1}\n{args.prompt}{tok.decode([t for t in row if t != tok.eos_id])}")
         return
-    for i, row in enumerate(generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k,
-                                     args.top_p, tok.eos_id, args.seed)):
-        print(f"--- sample {i + 1}\n{args.prompt}{tok.decode([t for t in row if t != tok.eos_id])}")
+    # one sample, streamed: bytes go through an incremental UTF-8 decoder, since a character can
+    # span several tokens
+    gen = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def pick(t, logits):
+        nxt = sample(logits, args.temperature, args.top_k, args.top_p, gen)
+        if nxt.item() != tok.eos_id:
+            sys.stdout.write(text.decode(tok.enc.decode_single_token_bytes(nxt.item())))
+            sys.stdout.flush()
+        return nxt, nxt == tok.eos_id
+
+    print(args.prompt, end="", flush=True)
+    decode(model, prompts, args.max_new_tokens, pick)
+    print(text.decode(b"", final=True))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,15 @@ class GPTConfig:
     n_inner: int | None = None      # MLP width, default 4 * n_embd
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0     # llama only
-    bias: bool = True               # biases on every linear layer (gpt2) or none (llama)
+    bias: bool | None = None        # biases on every linear layer; default: yes for gpt2, none for llama
     tie_embeddings: bool = True     # lm_head shares the token embedding
     dropout: float = 0.0
 
     def __post_init__(self):
         assert self.arch in ("gpt2", "llama"), f"arch must be 'gpt2' or 'llama', got {self.arch!r}"
+        if self.bias is None:
+            self.bias = self.arch == "gpt2"
+        assert not (self.arch == "llama" and self.bias), "the llama family has no biases (the HF layout stores none)"
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.n_inner = self.n_inner or 4 * self.n_embd
@@ -185,14 +188,14 @@ class GPT(nn.Module):
         noise_alpha: NEFTune, uniform noise of size alpha / sqrt(T * d) on the embeddings, training only.
         """
         B, T = idx.shape
-        if pos is None:
-            pos = torch.arange(T, device=idx.device).expand(B, T)
         x = self.wte(idx)
         if noise_alpha > 0 and self.training:
             x = x + torch.empty_like(x).uniform_(-1, 1) * (noise_alpha / math.sqrt(T * x.shape[-1]))
         rope = None
         if self.config.arch == "gpt2":
-            x = x + self.wpe(pos)
+            x = x + (self.wpe(pos) if pos is not None else self.wpe.weight[:T])
+        elif pos is None:  # every row starts at 0: one table broadcast over the batch
+            rope = (self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype))
         else:
             rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype), self.rope_sin[pos].unsqueeze(1).to(x.dtype))
         x = self.drop(x)
