@@ -294,8 +294,9 @@ def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
     return Row(prompt, tok.encode(y) + [tok.eos_id], ref, ex.answer, ex.response)
 
 
-def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int, overflow: str = "truncate") -> list[Row]:
-    """Encode and fit every row into max_len tokens: x ++ y, and f(x, y) plus at least one token.
+def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int, overflow: str = "truncate",
+                need_ref: bool = True) -> list[Row]:
+    """Encode and fit every row into max_len tokens: x ++ y, and (need_ref, for RAC) f(x, y) plus one token.
 
     f(x, y) holds the reference y, so whenever x ++ y overflows it overflows
     too; "truncate" therefore cuts y inside f(x, y) as well, by the same rule
@@ -308,12 +309,12 @@ def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int
         where = f"example {i}" + (f" (line {ex.line})" if ex.line else "")
         if len(r.prompt) + 1 > max_len:
             raise DataError(f"{where}: prompt has {len(r.prompt)} tokens, leaving no room for a response in max_len={max_len}")
-        n_ref = len(r.ref_prompt)
+        n_ref = len(r.ref_prompt) if need_ref else 0
         if overflow == "fail" and max(len(r.prompt) + len(r.response), n_ref + 1) > max_len:
             raise DataError(f"{where}: prompt+response ({len(r.prompt) + len(r.response)}) or reference prompt+1 "
                             f"({n_ref + 1}) tokens > max_len={max_len}")
         y_ids = tok.encode(ex.response)
-        while len(r.ref_prompt) + 1 > max_len:  # each pass drops the reference tokens that overflowed
+        while need_ref and len(r.ref_prompt) + 1 > max_len:  # each pass drops the reference tokens that overflowed
             y_ids = y_ids[:len(y_ids) - (len(r.ref_prompt) + 1 - max_len)]
             if not y_ids:
                 raise DataError(f"{where}: reference prompt has {n_ref} tokens and cannot fit max_len={max_len}")

@@ -183,11 +183,13 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
     the positions Eq. 7 trains on.
     """
     z = generate(model, prompts, max_new_tokens, temperature=temperature, eos_id=eos_id, seed=seed)
+    block = model.config.block_size
+    if any(len(f) >= block for f in ref_prompts):
+        raise ValueError(f"a reference prompt leaves no room for a label in the model's block_size {block}")
+    z = [zi[:block - len(f) + 1] for zi, f in zip(z, ref_prompts)]  # a label needs f(x,y) ++ z^<j in the window
     device = next(model.parameters()).device
     seqs = [f + zi[:-1] for f, zi in zip(ref_prompts, z)]
     T = max(len(s) for s in seqs)
-    if T > model.config.block_size:
-        raise ValueError(f"reference prompt + sample ({T} tokens) exceed the model's block_size {model.config.block_size}")
     idx = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # right padding: causal attention never reads it
     with autocast(device), packed_linears(model, len(seqs)):
         best = model(idx).argmax(dim=-1).tolist()
