@@ -79,6 +79,24 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
 
 
+def left_pad(prompts, S, device):
+    """Left-pad token lists into one batch whose rows end together, in a window of S columns.
+
+    Returns idx (B, P); pos (B, S), each column's position, 0 at a row's first real token;
+    real (B, S), which columns hold real tokens; mask (B, 1, P, S), what each of the P prompt
+    columns may read: causal over real tokens, and a padding column itself, so no softmax row is empty.
+    """
+    B, P = len(prompts), max(len(p) for p in prompts)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)
+    idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)
+    cols = torch.arange(S, device=device)
+    real = cols[None, :] >= pad[:, None]
+    pos = (cols[None, :] - pad[:, None]).clamp(min=0)
+    causal = cols[:P, None] >= cols[None, :]
+    mask = (causal[None] & real[:, None, :]) | torch.eye(P, S, dtype=torch.bool, device=device)[None]
+    return idx, pos, real, mask[:, None]
+
+
 @torch.inference_mode()
 def decode(model: GPT, prompts: list[list[int]], steps: int, pick):
     """The decode loop shared by generate, bash_mix and SCS.
@@ -94,20 +112,14 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick):
     S = P + steps
     if S > model.config.block_size:
         raise ValueError(f"prompt ({P}) + new tokens ({steps}) exceed the model's block_size {model.config.block_size}")
-    pad = torch.tensor([P - len(p) for p in prompts], device=device)
-    idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)
+    idx, pos, real, mask = left_pad(prompts, S, device)
     cols = torch.arange(S, device=device)
-    real = cols[None, :] >= pad[:, None]                    # (B, S) columns holding real tokens
-    pos = (cols[None, :] - pad[:, None]).clamp(min=0)       # (B, S) position of each column's token
-    # prefill: causal over real tokens; a padding query sees itself so no softmax row is empty
-    causal = cols[:P, None] >= cols[None, :]                # (P, S)
-    mask = (causal[None] & real[:, None, :]) | torch.eye(P, S, dtype=torch.bool, device=device)[None]
     dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
     cache = KVCache(model.config, B, S, device, dtype)
     out = torch.zeros(B, steps, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     with autocast(device), packed_linears(model, B):
-        logits = model(idx, pos=pos[:, :P], cache=cache, cols=cols[:P], mask=mask[:, None], last_only=True)
+        logits = model(idx, pos=pos[:, :P], cache=cache, cols=cols[:P], mask=mask, last_n=1)
         for t in range(steps):
             tok, finished = pick(t, logits[:, -1])
             out[:, t] = tok
@@ -116,8 +128,7 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick):
                 return out[:, :t + 1]
             c = P + t
             mask = (real & (cols <= c))[:, None, None, :]
-            logits = model(tok[:, None], pos=pos[:, c:c + 1], cache=cache, cols=cols[c:c + 1], mask=mask,
-                           last_only=True)
+            logits = model(tok[:, None], pos=pos[:, c:c + 1], cache=cache, cols=cols[c:c + 1], mask=mask, last_n=1)
     return out
 
 
@@ -189,11 +200,12 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
     z = [zi[:block - len(f) + 1] for zi, f in zip(z, ref_prompts)]  # a label needs f(x,y) ++ z^<j in the window
     device = next(model.parameters()).device
     seqs = [f + zi[:-1] for f, zi in zip(ref_prompts, z)]
-    T = max(len(s) for s in seqs)
-    idx = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)  # right padding: causal attention never reads it
-    with autocast(device), packed_linears(model, len(seqs)):
-        best = model(idx).argmax(dim=-1).tolist()
-    zbar = [b[len(f) - 1:len(f) - 1 + len(zi)] for b, f, zi in zip(best, ref_prompts, z)]
+    n = max(len(zi) for zi in z)
+    # left padding lines every row's z up at the right end: only the last n positions need the head
+    idx, pos, _, mask = left_pad(seqs, max(len(s) for s in seqs), device)
+    with autocast(device), packed_linears(model, idx.numel()):
+        best = model(idx, pos=pos, mask=mask, last_n=n).argmax(dim=-1).tolist()
+    zbar = [b[n - len(zi):] for b, zi in zip(best, z)]
     mask = [[int(a != b) for a, b in zip(zb, zi)] for zb, zi in zip(zbar, z)]
     return z, zbar, mask
 

@@ -179,8 +179,8 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, pos=None, cache=None, cols=None, mask=None, last_only=False, noise_alpha=0.0):
-        """idx (B, T) token ids -> logits (B, T, vocab), or (B, 1, vocab) with last_only.
+    def forward(self, idx, pos=None, cache=None, cols=None, mask=None, last_n=None, noise_alpha=0.0):
+        """idx (B, T) token ids -> logits (B, T, vocab), or (B, last_n, vocab) for the last positions only.
 
         pos (B, T): each token's position (default 0..T-1; left-padded rows start later).
         cache, cols (T,), mask (B, 1, T, cache length): decoding through a KVCache, writing the new
@@ -201,8 +201,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.h:
             x = block(x, rope, mask, cache, cols)
-        if last_only:
-            x = x[:, -1:]
+        if last_n is not None:  # decoding and labelling need a few positions: skip the head elsewhere
+            x = x[:, -last_n:]
         return self.lm_head(self.ln_f(x))
 
 

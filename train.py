@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data import (TASKS, DataError, Row, builtin_task, byte_tokenizer, collate, encode_rows, extract_answer,
                   gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
-from generate import bash_mix, generate, rac_labels
+from generate import bash_mix, generate, packed_linears, rac_labels
 from model import GPT, GPTConfig, from_pretrained, masked_nll, save_pretrained
 
 METHODS = ("sft", "bash", "rac", "scs", "neftune")
@@ -100,6 +100,8 @@ def get_args(argv=None):
     g.add_argument("--train-size", type=int, default=4000, help="built-in task: training examples")
     g.add_argument("--eval-size", type=int, default=500, help="built-in task: held-out examples")
     g.add_argument("--warmup-epochs", type=float, default=4.0, help="built-in: SFT warm-up shared by every method")
+    g.add_argument("--terms", type=int, nargs=2, default=[3, 5], help="built-in task: numbers per problem (min max)")
+    g.add_argument("--digits", type=int, default=2, help="built-in task: digits per number")
     return p.parse_args(argv)
 
 
@@ -175,24 +177,28 @@ def batch_indices(step, n_rows, batch_size, seed):
 # Offline sets: built between iterations with the current weights, sharded across ranks
 
 
+def build_batch(model, rows, ids, method, args, seed, out):
+    """One decode batch of the offline set, stored in out[row index]."""
+    if method == "bash":
+        mixed, took = bash_mix(model, [rows[i].prompt for i in ids], [rows[i].response for i in ids],
+                               beta=args.beta, temperature=args.mix_temperature, seed=seed)
+        out.update({i: (m, t) for i, m, t in zip(ids, mixed, took)})
+    else:
+        z, zbar, mask = rac_labels(model, [rows[i].prompt for i in ids], [rows[i].ref_prompt for i in ids],
+                                   args.rac_max_new_tokens, temperature=args.rac_temperature, seed=seed,
+                                   eos_id=args.eos_id)
+        out.update({i: (a, b, m) for i, a, b, m in zip(ids, z, zbar, mask)})
+
+
 def build_offline(model, rows, method, args, seed, rank, world):
     """BASH: ŷ for every row; RAC: (z, z̄, z̄ != z). The ranks share the batches and gather the result."""
     model.eval()
     bs = args.build_batch_size
     batches = list(range(0, len(rows), bs))[rank::world]  # whole batches dealt round-robin, each seeded by
     out = {}                                            # its own number: the set does not depend on the ranks
-    for k in tqdm(batches, desc=f"build {method}", disable=rank != 0, leave=False):
-        ids = list(range(k, min(k + bs, len(rows))))
-        batch_seed = seed * 1000003 + k // bs
-        if method == "bash":
-            mixed, took = bash_mix(model, [rows[i].prompt for i in ids], [rows[i].response for i in ids],
-                                   beta=args.beta, temperature=args.mix_temperature, seed=batch_seed)
-            out.update({i: (m, t) for i, m, t in zip(ids, mixed, took)})
-        else:
-            z, zbar, mask = rac_labels(model, [rows[i].prompt for i in ids], [rows[i].ref_prompt for i in ids],
-                                       args.rac_max_new_tokens, temperature=args.rac_temperature,
-                                       seed=batch_seed, eos_id=args.eos_id)
-            out.update({i: (a, b, m) for i, a, b, m in zip(ids, z, zbar, mask)})
+    with packed_linears(model, bs):  # pack the weights once for every batch, not once per decode call
+        for k in tqdm(batches, desc=f"build {method}", disable=rank != 0, leave=False):
+            build_batch(model, rows, list(range(k, min(k + bs, len(rows)))), method, args, seed * 1000003 + k // bs, out)
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, out)
@@ -246,7 +252,7 @@ def step_loss(model, sft, aux, counts, noise_alpha, device):
         logits = model(x, noise_alpha=noise_alpha)
     n = len(sft)
     terms = [masked_nll(logits[:n], y[:n], mask[:n], denom=max(counts[0], 1))]
-    terms.append(masked_nll(logits[n:], y[n:], mask[n:], denom=max(counts[1], 1)) if aux else logits.sum() * 0)
+    terms.append(masked_nll(logits[n:], y[n:], mask[n:], denom=max(counts[1], 1)) if aux else logits.new_zeros(()))
     return torch.stack(terms), int(mask.sum())
 
 
@@ -269,10 +275,11 @@ def evaluate(model, rows, tok, args, task, device):
     if any(r.answer is not None for r in rows) or task == "summarize":
         max_new = args.eval_max_new_tokens or max(len(r.response) for r in rows) + 16
         texts = []
-        for k in range(0, len(rows), args.build_batch_size):
-            chunk = rows[k:k + args.build_batch_size]
-            gen = generate(model, [r.prompt for r in chunk], max_new, eos_id=tok.eos_id)
-            texts += [tok.decode([t for t in g if t != tok.eos_id]) for g in gen]
+        with packed_linears(model, args.build_batch_size):
+            for k in range(0, len(rows), args.build_batch_size):
+                chunk = rows[k:k + args.build_batch_size]
+                gen = generate(model, [r.prompt for r in chunk], max_new, eos_id=tok.eos_id)
+                texts += [tok.decode([t for t in g if t != tok.eos_id]) for g in gen]
         scored = [(t, r) for t, r in zip(texts, rows) if r.answer is not None]
         if scored:
             out["accuracy"] = sum(extract_answer(t) == r.answer for t, r in scored) / len(scored)
@@ -471,9 +478,9 @@ def compare(args):
     same number of steps; evaluate exact match on held-out problems; print and save the table."""
     tok = byte_tokenizer()
     root = Path(args.out or "out/compare")
-    train_ex = builtin_task(args.train_size, seed=1234)
+    train_ex = builtin_task(args.train_size, seed=1234, terms=tuple(args.terms), digits=args.digits)
     seen = {e.prompt for e in train_ex}
-    eval_ex = [e for e in builtin_task(args.eval_size * 2, seed=5678) if e.prompt not in seen][:args.eval_size]
+    eval_ex = [e for e in builtin_task(args.eval_size * 2, seed=5678, terms=tuple(args.terms), digits=args.digits) if e.prompt not in seen][:args.eval_size]
     rows = encode_rows(train_ex, tok, "arith", args.block_size, "fail")
     eval_rows = encode_rows(eval_ex, tok, "arith", args.block_size, "fail")
     # A model trained from scratch has never learnt to use a reference answer, which RAC's labels

@@ -81,10 +81,11 @@ def test_sharded_checkpoint_loads(hf_checkpoint):
 
 @pytest.mark.parametrize("name", FAMILIES)
 @torch.no_grad()
-def test_last_only_is_the_last_position(hf_checkpoint, name):
+def test_last_n_is_the_last_positions(hf_checkpoint, name):
     ours = from_pretrained(hf_checkpoint(name).path).eval()
     x = tokens(ours.config.vocab_size)
-    torch.testing.assert_close(ours(x, last_only=True), ours(x)[:, -1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours(x, last_n=1), ours(x)[:, -1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours(x, last_n=3), ours(x)[:, -3:], atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------
