@@ -165,6 +165,7 @@ class Example:
     response: str  # the reference continuation y, without end-of-text
     answer: str | None = None  # final answer for exact match
     line: int = 0  # line in the source file, for error messages (0: not from a file)
+    shape: str = "prompt"  # which JSONL shape it came from: "prompt", "messages" or "question"
 
 
 def _field(obj: dict, key: str, kind: type, where: str):
@@ -186,12 +187,15 @@ def _example(obj, where: str, line: int) -> Example:
         # The target must be the end of the conversation, with something before it.
         if len(turns) < 2 or turns[-1]["role"] != "assistant":
             raise DataError(f"{where}: field 'messages' must end with an assistant turn that has >= 1 turn before it")
-        ex = Example(turns[:-1], turns[-1]["content"], line=line)
+        ex = Example(turns[:-1], turns[-1]["content"], line=line, shape="messages")
     elif "question" in obj:
         q, a = _field(obj, "question", str, where), _field(obj, "answer", str, where)
-        ex = Example(q, a, answer=extract_answer(a), line=line)
+        ex = Example(q, a, answer=extract_answer(a), line=line, shape="question")
     elif "prompt" in obj or "response" in obj:
-        ex = Example(_field(obj, "prompt", str, where), _field(obj, "response", str, where), line=line)
+        r = _field(obj, "response", str, where)
+        # a response with a final answer after '####' is scored by exact match, as GSM8K is
+        ex = Example(_field(obj, "prompt", str, where), r, answer=extract_answer(r) if "####" in r else None,
+                     line=line)
     else:
         raise DataError(f"{where}: unknown shape with keys {sorted(obj)}; expected prompt/response, messages, or question/answer")
     if not ex.response.strip():

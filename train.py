@@ -56,7 +56,7 @@ def get_args(argv=None):
     g.add_argument("--arch", default="llama", choices=("gpt2", "llama"), help="family for --init scratch")
     g.add_argument("--n-layer", type=int, default=4, help="--init scratch: layers")
     g.add_argument("--n-head", type=int, default=4, help="--init scratch: attention heads")
-    g.add_argument("--n-embd", type=int, default=192, help="--init scratch: width")
+    g.add_argument("--n-embd", type=int, default=128, help="--init scratch: width")
     g.add_argument("--block-size", type=int, default=256, help="--init scratch: longest sequence")
     g.add_argument("--dropout", type=float, default=0.0, help="--init scratch: dropout")
 
@@ -72,12 +72,14 @@ def get_args(argv=None):
     g.add_argument("--rac-temperature", type=float, default=1.0, help="RAC: temperature of the sampled responses z")
     g.add_argument("--rac-max-new-tokens", type=int, default=None, help="RAC: cap on z (default: longest reference + 16)")
     g.add_argument("--neftune-alpha", type=float, default=5.0, help="NEFTune noise scale alpha")
-    g.add_argument("--build-batch-size", type=int, default=128, help="rows per decode batch when building offline sets")
+    g.add_argument("--build-batch-size", type=int, default=256, help="rows per decode batch when building offline sets")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=64, help="global batch in rows per optimizer step (paper: 512)")
     g.add_argument("--micro-batch-size", type=int, default=64, help="rows per forward/backward on each process")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper: 3e-6 / 5e-6 for 1B / 7B)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate; default 2e-3 for --init scratch, 1e-5 for a pretrained checkpoint "
+                        "(paper: 3e-6 for Pythia-1B, 5e-6 for Mistral-7B)")
     g.add_argument("--min-lr", type=float, default=None, help="end of the cosine schedule (default lr / 10)")
     g.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with linear warm-up")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (not biases, norms)")
@@ -97,12 +99,21 @@ def get_args(argv=None):
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full comparison per seed")
     g.add_argument("--compare-methods", nargs="+", default=["sft", "bash", "rac"], choices=METHODS)
     g.add_argument("--betas", type=float, nargs="+", default=None, help="also run BASH at each of these betas")
-    g.add_argument("--train-size", type=int, default=4000, help="built-in task: training examples")
+    g.add_argument("--train-size", type=int, default=3000, help="built-in task: training examples")
     g.add_argument("--eval-size", type=int, default=500, help="built-in task: held-out examples")
     g.add_argument("--warmup-epochs", type=float, default=4.0, help="built-in: SFT warm-up shared by every method")
-    g.add_argument("--terms", type=int, nargs=2, default=[3, 5], help="built-in task: numbers per problem (min max)")
-    g.add_argument("--digits", type=int, default=2, help="built-in task: digits per number")
-    return p.parse_args(argv)
+    g.add_argument("--compare-epochs", type=float, default=1.0,
+                   help="built-in: epochs each method trains after the warm-up (the same for every method)")
+    g.add_argument("--compare-iterations", type=int, default=1,
+                   help="built-in: H, the offline set is rebuilt this many times within --compare-epochs")
+    g.add_argument("--continue-lr", type=float, default=1e-4,
+                   help="built-in: peak learning rate of each method's continuation from the warm-up")
+    g.add_argument("--terms", type=int, nargs=2, default=[4, 7], help="built-in task: numbers per problem (min max)")
+    g.add_argument("--digits", type=int, default=1, help="built-in task: digits per number")
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 2e-3 if args.init == "scratch" else 1e-5
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,8 +144,8 @@ def make_model(args, tok, device):
 def load_rows(path, tok, task, max_len, overflow, need_ref):
     examples = read_jsonl(path)
     if task == "auto":
-        task = ("chat" if any(not isinstance(e.prompt, str) for e in examples)
-                else "math" if any(e.answer is not None for e in examples) else "plain")
+        shapes = {e.shape for e in examples}
+        task = "chat" if "messages" in shapes else "math" if "question" in shapes else "plain"
     try:
         return encode_rows(examples, tok, task, max_len, overflow, need_ref=need_ref), task
     except DataError as e:
@@ -273,7 +284,8 @@ def evaluate(model, rows, tok, args, task, device):
         count += int(m.sum())
     out = {"val_loss": total / max(count, 1)}
     if any(r.answer is not None for r in rows) or task == "summarize":
-        max_new = args.eval_max_new_tokens or max(len(r.response) for r in rows) + 16
+        room = model.config.block_size - max(len(r.prompt) for r in rows)
+        max_new = min(args.eval_max_new_tokens or max(len(r.response) for r in rows) + 16, room)
         texts = []
         with packed_linears(model, args.build_batch_size):
             for k in range(0, len(rows), args.build_batch_size):
@@ -484,8 +496,8 @@ def compare(args):
     rows = encode_rows(train_ex, tok, "arith", args.block_size, "fail")
     eval_rows = encode_rows(eval_ex, tok, "arith", args.block_size, "fail")
     # A model trained from scratch has never learnt to use a reference answer, which RAC's labels
-    # need; the warm-up teaches every method alike to answer f(x, y) with y.
-    warm_rows = rows + [Row(r.ref_prompt, r.response, r.ref_prompt, r.answer, r.reference) for r in rows]
+    # need: the warm-up that every method starts from also trains on f(x, y) -> y.
+    ref_rows = [Row(r.ref_prompt, r.response, r.ref_prompt, r.answer, r.reference) for r in rows]
     runs = [(m, args.beta) for m in args.compare_methods]
     runs += [("bash", b) for b in (args.betas or []) if ("bash", b) not in runs]
     results = {}
@@ -493,11 +505,13 @@ def compare(args):
         base = argparse.Namespace(**{**vars(args), "seed": seed, "init": "scratch"})
         warm = argparse.Namespace(**{**vars(base), "method": "sft", "sft_epochs": args.warmup_epochs,
                                      "iterations": 0, "out": str(root / f"seed{seed}" / "warmup")})
-        print(f"seed {seed}: SFT warm-up, {args.warmup_epochs} epochs over {len(warm_rows)} rows", flush=True)
-        res, _ = run(warm, warm_rows, eval_rows, tok, "arith")
+        print(f"seed {seed}: SFT warm-up, {args.warmup_epochs} epochs over {2 * len(rows)} rows", flush=True)
+        res, _ = run(warm, rows + ref_rows, eval_rows, tok, "arith")
         results.setdefault(("warm-up (SFT)", None), []).append(res)
         for method, beta in runs:
             cont = argparse.Namespace(**{**vars(base), "method": method, "beta": beta, "sft_epochs": 0.0,
+                                         "lr": args.continue_lr, "iterations": args.compare_iterations,
+                                         "iter_epochs": args.compare_epochs / args.compare_iterations,
                                          "init": str(Path(warm.out) / "checkpoint"),
                                          "out": str(root / f"seed{seed}" / f"{method}-beta{beta}" if method == "bash" and args.betas else root / f"seed{seed}" / method)})
             print(f"seed {seed}: {method}" + (f" beta={beta}" if method in ("bash", "scs") else ""), flush=True)
