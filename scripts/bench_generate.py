@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import generate  # noqa: E402
+from generate import autocast, generate  # noqa: E402
 from model import from_pretrained  # noqa: E402
 
 
@@ -29,6 +29,24 @@ def timed(fn, repeats):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def ours_runner(model, ids, new_tokens, temperature=0.0, top_k=None):
+    """Our generate on prompts ids (B, P), exactly new_tokens each (no eos)."""
+    def run():
+        rows = generate(model, ids.tolist(), new_tokens, temperature=temperature, top_k=top_k, seed=0)
+        assert all(len(r) == new_tokens for r in rows)
+    return run
+
+
+def hf_runner(model, ids, new_tokens, **kw):
+    """transformers' generate(use_cache=True) on the same prompts, forced to exactly new_tokens."""
+    def run():
+        with torch.inference_mode(), autocast(ids.device):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, use_cache=True, pad_token_id=50256, **kw)
+        assert out.shape[1] == ids.shape[1] + new_tokens
+    return run
 
 
 def main():
@@ -57,18 +75,8 @@ def main():
     print(f"{'mode':<10}{'ours tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}")
     for mode, kw in [("greedy", dict(do_sample=False)), ("sampling", dict(do_sample=True, top_k=50, temperature=1.0))]:
         ids = prompts.to(args.device)
-
-        def run_ours():
-            rows = generate(ours, ids.tolist(), args.new_tokens, temperature=kw.get("temperature", 0.0),
-                            top_k=kw.get("top_k"), seed=0)
-            assert all(len(r) == args.new_tokens for r in rows)
-
-        def run_hf():
-            with torch.inference_mode():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                  min_new_tokens=args.new_tokens, use_cache=True, pad_token_id=50256, **kw)
-            assert out.shape[1] == args.prompt_len + args.new_tokens
-
+        run_ours = ours_runner(ours, ids, args.new_tokens, kw.get("temperature", 0.0), kw.get("top_k"))
+        run_hf = hf_runner(hf, ids, args.new_tokens, **kw)
         t_ours, t_hf = timed(run_ours, args.repeats), timed(run_hf, args.repeats)
         print(f"{mode:<10}{n_new / t_ours:>12.1f}{n_new / t_hf:>20.1f}{t_hf / t_ours:>7.2f}x")
 

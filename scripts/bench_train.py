@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import timed  # noqa: E402
+from bench_generate import hf_runner, ours_runner, timed  # noqa: E402
 from data import Row  # noqa: E402
-from generate import autocast, bash_mix, generate, rac_labels  # noqa: E402
+from generate import autocast, bash_mix, rac_labels  # noqa: E402
 from model import from_pretrained, masked_nll  # noqa: E402
 from train import loss_rows, make_optimizer, step_loss, term_counts  # noqa: E402
 
@@ -244,19 +244,9 @@ def main():
     for name in ("ours", "transformers"):
         with mem.phase(f"generate {name}"):
             model = (load_hf() if name == "transformers" else load_ours()).eval()
-
-            def run_ours():
-                rows = generate(model, prompts.tolist(), args.gen_new_tokens, temperature=0.0, seed=0)
-                assert all(len(r) == args.gen_new_tokens for r in rows)
-
-            def run_hf():
-                with torch.inference_mode(), autocast(device):
-                    out = model.generate(prompts, attention_mask=torch.ones_like(prompts),
-                                         max_new_tokens=args.gen_new_tokens, min_new_tokens=args.gen_new_tokens,
-                                         use_cache=True, pad_token_id=EOS, do_sample=False)
-                assert out.shape[1] == args.gen_prompt_len + args.gen_new_tokens
-
-            t = timed(run_hf if name == "transformers" else run_ours, args.repeats)
+            run = (hf_runner(model, prompts, args.gen_new_tokens, do_sample=False) if name == "transformers"
+                   else ours_runner(model, prompts, args.gen_new_tokens))
+            t = timed(run, args.repeats)
             gen_s[name] = n_new / t
             print(f"    {name:<13} {gen_s[name]:>10,.1f} new tok/s")
         del model
