@@ -517,7 +517,7 @@ def compare(args):
             print(f"seed {seed}: {method}" + (f" beta={beta}" if method in ("bash", "scs") else ""), flush=True)
             res, _ = run(cont, rows, eval_rows, tok, "arith")
             results.setdefault((method, beta if method in ("bash", "scs") else None), []).append(res)
-    table = results_table(results, args)
+    table = results_table(results, args.seeds, args.eval_size)
     print(table)
     write_atomic(root / "results.md", table + "\n")
     write_atomic(root / "results.json", json.dumps(
@@ -525,25 +525,27 @@ def compare(args):
          for (m, b), rs in results.items()], indent=1))
 
 
-def results_table(results, args):
-    def stat(rs, key, fmt):
-        vals = [r[key] for r in rs if key in r]
+def results_table(results, seeds, eval_size):
+    """Markdown table, mean ± std over seeds; Δ is each seed's accuracy minus SFT's from the same warm-up."""
+    def stat(vals, fmt):
         if not vals:
             return "-"
         mean = sum(vals) / len(vals)
         std = (sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
-        return fmt.format(mean) + (f" ± {fmt.format(std)}" if len(vals) > 1 else "")
+        return fmt.format(mean) + (f" ± {fmt.replace('+', '').format(std)}" if len(vals) > 1 else "")
 
-    lines = [f"seeds {args.seeds}: mean ± std. accuracy = exact match of the final answer, greedy, "
-             f"{args.eval_size} held-out problems",
-             "", "| method | accuracy % | val loss | build offline s | train s | model-token share | corrected share |",
-             "|---|---|---|---|---|---|---|"]
+    sft = [r["accuracy"] for r in results.get(("sft", None), [])]
+    lines = [f"seeds {seeds}: mean ± std. accuracy = exact match of the final answer, greedy, {eval_size} held-out "
+             "problems; Δ = accuracy minus continued SFT's, seed by seed",
+             "", "| method | accuracy % | Δ vs SFT | val loss | build offline s | train s | model-token share | "
+             "differs from y | corrected share |", "|---|---|---|---|---|---|---|---|---|"]
     for (method, beta), rs in results.items():
-        name = method + (f" (β={beta})" if beta is not None else "")
-        rs100 = [{**r, "accuracy": 100 * r["accuracy"]} if "accuracy" in r else r for r in rs]
-        lines.append(f"| {name} | {stat(rs100, 'accuracy', '{:.1f}')} | {stat(rs, 'val_loss', '{:.4f}')} | "
-                     f"{stat(rs, 'build_s', '{:.1f}')} | {stat(rs, 'train_s', '{:.1f}')} | "
-                     f"{stat(rs, 'model_token_share', '{:.3f}')} | {stat(rs, 'corrected_share', '{:.3f}')} |")
+        col = lambda key, scale=1.0: [scale * r[key] for r in rs if key in r]  # noqa: E731
+        delta = [100 * (r["accuracy"] - s) for r, s in zip(rs, sft)] if method not in ("sft", "warm-up (SFT)") else []
+        lines.append(f"| {method}{f' (β={beta})' if beta is not None else ''} | {stat(col('accuracy', 100), '{:.1f}')} | "
+                     f"{stat(delta, '{:+.1f}')} | {stat(col('val_loss'), '{:.4f}')} | {stat(col('build_s'), '{:.1f}')} | "
+                     f"{stat(col('train_s'), '{:.1f}')} | {stat(col('model_token_share'), '{:.3f}')} | "
+                     f"{stat(col('differs_from_y_share'), '{:.4f}')} | {stat(col('corrected_share'), '{:.3f}')} |")
     return "\n".join(lines)
 
 

@@ -169,7 +169,7 @@ def main():
     g.add_argument("--gen-prompt-len", type=int, default=64)
     g.add_argument("--gen-new-tokens", type=int, default=64)
     g = p.add_argument_group("3-5. BASH, SCS, RAC on one global batch of random rows")
-    g.add_argument("--rows", type=int, default=16, help="rows in the global batch (one decode batch)")
+    g.add_argument("--rows", type=int, default=32, help="rows in the global batch (one decode batch)")
     g.add_argument("--prompt-len", type=int, default=64)
     g.add_argument("--response-len", type=int, default=64, help="reference response y, eos last")
     g.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward (default: all)")
@@ -290,13 +290,17 @@ def main():
     mix_ratio = (t_mix / B) / (t_sft / B)
     print(f"3.  BASH mixing {t_mix:.3f} s/batch = {1e3 * t_mix / B:.1f} ms/row; SFT training step "
           f"{t_sft:.3f} s/batch = {1e3 * t_sft / B:.1f} ms/row; mixing / SFT training per row: {mix_ratio:.3f} "
-          f"(target <= 0.25; paper {PAPER['bash_mix_s'] / PAPER['bash_train_s']:.2f} = 0.9 s / 4.4 s, "
-          f"though their 4.4 s is J_SFT + J_BASH)")
-    table.append(("BASH mix / SFT train, per row", f"{mix_ratio:.3f}", "<= 0.25 (paper ~0.2)", mix_ratio <= 0.25))
+          f"(target <= 0.25)")
+    table.append(("BASH mix / SFT train, per row", f"{mix_ratio:.3f}", "<= 0.25", mix_ratio <= 0.25))
 
     bash_offline = {i: (mixed[i], took[i]) for i in idx}
     with mem.phase("BASH train step"):
         t_bash = timed(lambda: method_step(model, raw, opt, rows, idx, "bash", bash_offline, **train_kw), args.repeats)
+    paper_mix = PAPER["bash_mix_s"] / PAPER["bash_train_s"]
+    print(f"    mixing / BASH training (J_SFT + J_BASH, what the paper's 4.4 s measures) per row: "
+          f"{t_mix / t_bash:.3f} (paper {paper_mix:.2f} = 0.9 s / 4.4 s)")
+    table.append(("BASH mix / BASH train (J_SFT+J_BASH), per row", f"{t_mix / t_bash:.3f}", f"paper {paper_mix:.2f}",
+                  None))
     step = [0]
 
     def scs_step():  # train.py's SCS branch: mix with the current weights, then J_SFT + J_SCS
