@@ -337,11 +337,9 @@ def _weight_files(path: Path) -> tuple[dict[str, Path], Path]:
 def load_hf_state(cfg: GPTConfig, path: Path, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Read Hugging Face weights into our names, asserting every name and shape."""
     files, source = _weight_files(path)
-    if cfg.arch == "gpt2":  # some GPT-2 exports drop the "transformer." prefix: name them as transformers does
-        files = {(k if k.startswith(("transformer.", "lm_head")) else "transformer." + k): (f, k)
-                 for k, f in files.items()}
-    else:
-        files = {k: (f, k) for k, f in files.items()}
+    bare = cfg.arch == "gpt2"  # some GPT-2 exports drop the "transformer." prefix: name them as transformers does
+    files = {("transformer." + k if bare and not k.startswith(("transformer.", "lm_head")) else k): (f, k)
+             for k, f in files.items()}  # HF name -> (file, name stored in it)
     handles, state, used = {}, {}, set()
 
     def read(name):
