@@ -193,10 +193,10 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
     concatenated, never decoded to text and re-encoded. Returns (z, z̄, mask) with mask = (z̄ != z),
     the positions Eq. 7 trains on.
     """
-    z = generate(model, prompts, max_new_tokens, temperature=temperature, eos_id=eos_id, seed=seed)
     block = model.config.block_size
-    if any(len(f) >= block for f in ref_prompts):
+    if any(len(f) >= block for f in ref_prompts):  # checked before sampling, which would be wasted
         raise ValueError(f"a reference prompt leaves no room for a label in the model's block_size {block}")
+    z = generate(model, prompts, max_new_tokens, temperature=temperature, eos_id=eos_id, seed=seed)
     z = [zi[:block - len(f) + 1] for zi, f in zip(z, ref_prompts)]  # a label needs f(x,y) ++ z^<j in the window
     device = next(model.parameters()).device
     seqs = [f + zi[:-1] for f, zi in zip(ref_prompts, z)]

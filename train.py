@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data import (TASKS, DataError, Row, builtin_task, byte_tokenizer, collate, encode_rows, extract_answer,
                   gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
-from generate import bash_mix, generate, packed_linears, rac_labels
+from generate import autocast, bash_mix, generate, packed_linears, rac_labels
 from model import GPT, GPTConfig, from_pretrained, masked_nll, save_pretrained
 
 METHODS = ("sft", "bash", "rac", "scs", "neftune")
@@ -259,7 +259,7 @@ def step_loss(model, sft, aux, counts, noise_alpha, device):
     x, y, mask = collate([it[0] for it in items], [it[1] for it in items], [it[2] for it in items], pad_id=0,
                          masks=[it[3] if it[3] is not None else [1] * len(it[2]) for it in items])
     x, y, mask = x.to(device), y.to(device), mask.to(device)
-    with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+    with autocast(device):
         logits = model(x, noise_alpha=noise_alpha)
     n = len(sft)
     terms = [masked_nll(logits[:n], y[:n], mask[:n], denom=max(counts[0], 1))]
@@ -369,9 +369,9 @@ def run(args, rows=None, eval_rows=None, tok=None, task=None):
     assert G % world == 0, f"--batch-size {G} must be a multiple of the number of processes {world}"
     per_epoch = steps_per_epoch(len(rows), G)
     k1 = round(args.sft_epochs * per_epoch)
-    k2 = round(args.iter_epochs * per_epoch) if args.method != "neftune" and args.method != "sft" else 0
+    k2 = round(args.iter_epochs * per_epoch)
     if args.method in ("sft", "neftune"):  # no offline set: the iterations are plain SFT steps
-        k1, k2 = k1 + args.iterations * round(args.iter_epochs * per_epoch), 0
+        k1, k2 = k1 + args.iterations * k2, 0
     total = k1 + args.iterations * k2
     noise = args.neftune_alpha if args.method == "neftune" else 0.0
 
