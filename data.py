@@ -35,7 +35,6 @@ DIGITS_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++|\s++(?
 class Tokenizer:
     enc: tiktoken.Encoding
     eos_id: int  # appended to every response; generation stops on it
-    pad_id: int  # padding is always masked, so it may equal eos_id
     chat: str | None  # "chatml", "zephyr" or None
     name: str  # "bytes", "r50k_base" or "tokenizer.json"
 
@@ -61,11 +60,11 @@ def byte_tokenizer() -> Tokenizer:
     # 256 byte tokens and no merges: any UTF-8 text round-trips, vocab 257.
     enc = tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
                             special_tokens={"<|endoftext|>": 256})
-    return Tokenizer(enc, eos_id=256, pad_id=256, chat=None, name="bytes")
+    return Tokenizer(enc, eos_id=256, chat=None, name="bytes")
 
 
 def gpt2_tokenizer() -> Tokenizer:
-    return Tokenizer(tiktoken.get_encoding("r50k_base"), eos_id=50256, pad_id=50256, chat=None, name="r50k_base")
+    return Tokenizer(tiktoken.get_encoding("r50k_base"), eos_id=50256, chat=None, name="r50k_base")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -132,7 +131,7 @@ def _tokenizer_from_json(folder: Path) -> Tokenizer:
     chat = "chatml" if "<|im_start|>" in template else "zephyr" if template else None
     if eos not in specials:
         raise ValueError(f"{path}: eos token {eos!r} is not among the added tokens {sorted(specials)}")
-    return Tokenizer(enc, eos_id=specials[eos], pad_id=specials[eos], chat=chat, name="tokenizer.json")
+    return Tokenizer(enc, eos_id=specials[eos], chat=chat, name="tokenizer.json")
 
 
 def load_tokenizer(ckpt_dir) -> Tokenizer:
@@ -362,12 +361,26 @@ def collate(prompts: list[list[int]], inputs: list[list[int]], targets: list[lis
     return x, y, mask
 
 # -----------------------------------------------------------------------------
-# The built-in task: chained additions and subtractions, solved step by step,
-# so that an early mistake carries into every later step.
+# The built-in tasks: chains of additions and subtractions, solved step by step.
+
+BUILTIN_FORMS = ("chain", "totals")
 
 
-def builtin_task(n: int, seed: int, terms: tuple[int, int] = (3, 5), digits: int = 2) -> list[Example]:
-    assert 2 <= terms[0] <= terms[1] and digits >= 1, f"need 2 <= terms[0] <= terms[1] and digits >= 1, got {terms}, {digits}"
+def builtin_task(n: int, seed: int, terms: tuple[int, int] = (3, 5), digits: int = 2,
+                 form: str = "chain") -> list[Example]:
+    """n problems such as x = "5+4-4+8=", evaluated left to right, never negative. Two ways to
+    write the solution y, which differ in what a correction after a slip means:
+
+    chain:  "5+4=9,9-4=5,5+8=13 #### 13". Each step starts from the previous result, so after a
+            slip (9 written as 8) the reference's next step "9-4=5" is not a correct step from
+            the model's own prefix "8-4=".
+    totals: "+4=9,-4=5,+8=13 #### 13". The k-th element is the running total after k+1
+            numbers, a function of x and k alone: after any slip, the reference's next element
+            is still the right one.
+    """
+    assert 2 <= terms[0] <= terms[1] and digits >= 1, \
+        f"need 2 <= terms[0] <= terms[1] and digits >= 1, got {terms}, {digits}"
+    assert form in BUILTIN_FORMS, f"form must be one of {BUILTIN_FORMS}, got {form!r}"
     rng = random.Random(seed)
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1  # no leading zeros
     examples = []
@@ -375,9 +388,9 @@ def builtin_task(n: int, seed: int, terms: tuple[int, int] = (3, 5), digits: int
         nums = [rng.randint(lo, hi) for _ in range(rng.randint(*terms))]
         value, prompt, steps = nums[0], str(nums[0]), []
         for b in nums[1:]:
-            op = "-" if value - b >= 0 and rng.random() < 0.5 else "+"  # left to right, never negative
+            op = "-" if value - b >= 0 and rng.random() < 0.5 else "+"
             new = value - b if op == "-" else value + b
-            steps.append(f"{value}{op}{b}={new}")
+            steps.append(f"{value}{op}{b}={new}" if form == "chain" else f"{op}{b}={new}")
             prompt += f"{op}{b}"
             value = new
         examples.append(Example(prompt + "=", ",".join(steps) + f" #### {value}", answer=str(value)))

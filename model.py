@@ -176,6 +176,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 

@@ -45,7 +45,7 @@ def hf_tokenizer(tmp_path, digits=False, chat_template=None):
 def test_gpt2_tokenizer():
     tok = gpt2_tokenizer()
     assert tok.encode("Hello world") == [15496, 995]
-    assert tok.eos_id == tok.pad_id == 50256 and tok.vocab_size == 50257
+    assert tok.eos_id == 50256 and tok.vocab_size == 50257
     assert tok.encode("<|endoftext|>") != [50256]  # user text never becomes a special token
     assert tok.special("<|endoftext|>") == 50256
 
@@ -55,7 +55,7 @@ def test_byte_tokenizer_roundtrip():
     text = "héllo wörld 日本語 🙂\n\t<|endoftext|> end"
     ids = tok.encode(text)
     assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text
-    assert tok.eos_id == tok.pad_id == 256 and tok.vocab_size == 257
+    assert tok.eos_id == 256 and tok.vocab_size == 257
     with pytest.raises(KeyError, match="<|im_start|>"):
         tok.special("<|im_start|>")
 

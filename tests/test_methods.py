@@ -14,7 +14,6 @@ import copy
 import json
 import math
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -255,15 +254,16 @@ def test_rac_loss_is_masked_nll_of_labels(model):
     g = torch.Generator().manual_seed(99)
     x4, z4 = rand_ids(4, g), rand_ids(5, g)
     rows = make_rows(prompts + [x4], [rand_ids(6, g) for _ in range(4)], refs + [x4])
-    offline = [(a, b, m) for a, b, m in zip(z, zbar, mask)] + [(z4, list(z4), [0] * 5)]
+    offline = [train.TrainRow(r.prompt, a, b, m) for r, a, b, m in zip(rows, z, zbar, mask)]
+    offline.append(train.TrainRow(x4, z4, list(z4), [0] * 5))
     idx = [0, 1, 2, 3]
-    sft, aux = train.loss_rows(rows, idx, "rac", offline)
-    counts = train.term_counts(rows, idx, "rac", offline)
+    sft, aux = train.loss_rows(rows, idx, offline)
+    counts = train.term_counts(rows, idx, offline)
     terms, _ = train.step_loss(model, sft, aux, counts, 0.0, CPU)
 
     num_rac, cnt_rac = 0.0, 0
     num_sft, cnt_sft = 0.0, 0
-    for r, (zi, zb, m) in zip(rows, offline):
+    for r, (_, zi, zb, m, _) in zip(rows, offline):
         s, c = row_nll(model, r.prompt, zi, zb, m)
         num_rac, cnt_rac = num_rac + s, cnt_rac + c
         s, c = row_nll(model, r.prompt, r.response, r.response)
@@ -273,7 +273,7 @@ def test_rac_loss_is_masked_nll_of_labels(model):
     assert terms[0].item() == pytest.approx(num_sft / cnt_sft, rel=1e-5, abs=1e-6)
 
     # the agreeing row adds exactly 0: same loss with it forced into the batch (same denominator)
-    forced = aux + [(x4, z4, list(z4), [0] * 5)]
+    forced = aux + [train.TrainRow(x4, z4, list(z4), [0] * 5)]
     terms2, _ = train.step_loss(model, sft, forced, counts, 0.0, CPU)
     assert torch.allclose(terms2, terms, rtol=0, atol=1e-6)
 
@@ -287,9 +287,10 @@ def test_rac_loss_zero_not_nan_when_nothing_differs(model):
 
     g = torch.Generator().manual_seed(5)
     rows = make_rows([rand_ids(3, g), rand_ids(2, g)], [rand_ids(4, g), rand_ids(3, g)])
-    offline = [(z, list(z), [0] * len(z)) for z in (rand_ids(5, g), rand_ids(2, g))]
-    sft, aux = train.loss_rows(rows, [0, 1], "rac", offline)
-    counts = train.term_counts(rows, [0, 1], "rac", offline)
+    offline = [train.TrainRow(r.prompt, z, list(z), [0] * len(z))
+               for r, z in zip(rows, (rand_ids(5, g), rand_ids(2, g)))]
+    sft, aux = train.loss_rows(rows, [0, 1], offline)
+    counts = train.term_counts(rows, [0, 1], offline)
     assert aux == [] and counts[1] == 0
     terms, _ = train.step_loss(model, sft, aux, counts, 0.0, CPU)
     assert terms[1].item() == 0.0 and torch.isfinite(terms).all()
@@ -303,11 +304,11 @@ def test_bash_step_loss_is_sft_plus_bash(model):
     prompts, ys = batch(10, [3, 7, 1, 5, 4], [6, 2, 9, 4, 8])
     rows = make_rows(prompts, ys)
     mixed, took = bash_mix(model, prompts, ys, beta=0.5, temperature=1.0, seed=17)
-    offline = list(zip(mixed, took))
+    offline = [train.TrainRow(x, m, y, [1] * len(y), t) for x, m, y, t in zip(prompts, mixed, ys, took)]
     assert mixed != ys
     idx = [3, 0, 4, 1]  # a global batch that is not the whole set, out of order
-    sft, aux = train.loss_rows(rows, idx, "bash", offline)
-    counts = train.term_counts(rows, idx, "bash", offline)
+    sft, aux = train.loss_rows(rows, idx, offline)
+    counts = train.term_counts(rows, idx, offline)
     terms, _ = train.step_loss(model, sft, aux, counts, 0.0, CPU)
 
     n = sum(len(ys[i]) for i in idx)
@@ -385,19 +386,19 @@ def test_scs_loss_equals_bash_loss_with_same_weights_and_seed(model):
     beta, temp, base = 0.5, 1.0, 31
 
     # SCS, as train.run's step does it: mix the step's rows with the current weights, method "scs"
-    mixed, _ = bash_mix(model, [rows[i].prompt for i in idx], [rows[i].response for i in idx], beta, temp,
-                        seed=base * 1000003 + 0)
-    online = dict(zip(idx, [(m,) for m in mixed]))
-    sft, aux = train.loss_rows(rows, idx, "scs", online)
-    scs_terms, _ = train.step_loss(model, sft, aux, train.term_counts(rows, idx, "scs", online), 0.0, CPU)
+    online = dict(zip(idx, train.bash_rows(model, [rows[i] for i in idx], beta, temp,
+                                           seed=train.seed_for(base, "batch", 0))))
+    mixed = [online[i].inputs for i in idx]
+    sft, aux = train.loss_rows(rows, idx, online)
+    scs_terms, _ = train.step_loss(model, sft, aux, train.term_counts(rows, idx, online), 0.0, CPU)
 
-    # BASH, offline: build_offline with the same weights; its batch seed is base * 1000003 + first row
-    args = Namespace(beta=beta, mix_temperature=temp, build_batch_size=len(rows))
-    offline = train.build_offline(model, rows, "bash", args, base, 0, 1)
+    # BASH, offline: build_offline with the same weights; its first batch is seeded by (base, 0)
+    build = lambda m, rs, s: train.bash_rows(m, rs, beta, temp, s)  # noqa: E731
+    offline = train.build_offline(model, rows, build, len(rows), base, 0, 1)
     model.eval()  # build_offline leaves the model in training mode
-    assert [o[0] for o in offline] == mixed
-    sft_b, aux_b = train.loss_rows(rows, idx, "bash", offline)
-    bash_terms, _ = train.step_loss(model, sft_b, aux_b, train.term_counts(rows, idx, "bash", offline), 0.0, CPU)
+    assert [o.inputs for o in offline] == mixed
+    sft_b, aux_b = train.loss_rows(rows, idx, offline)
+    bash_terms, _ = train.step_loss(model, sft_b, aux_b, train.term_counts(rows, idx, offline), 0.0, CPU)
     assert torch.allclose(scs_terms, bash_terms, rtol=0, atol=0)
 
     n = sum(map(len, ys))
@@ -409,9 +410,11 @@ def test_scs_loss_equals_bash_loss_with_same_weights_and_seed(model):
 
 def scs_run(tmp_path, monkeypatch, extra):
     """Run train.run with --method scs for two steps on the built-in task; record every bash_mix call."""
-    tok = data.byte_tokenizer()
-    rows = data.encode_rows(data.builtin_task(8, seed=1), tok, "arith", 96, "fail")
-    argv = ["--init", "scratch", "--method", "scs", "--arch", "llama", "--n-layer", "1", "--n-head", "2",
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n"
+                            for e in data.builtin_task(8, seed=1)))
+    argv = ["--data", str(path), "--task", "arith", "--overflow", "fail",
+            "--init", "scratch", "--method", "scs", "--arch", "llama", "--n-layer", "1", "--n-head", "2",
             "--n-embd", "16", "--block-size", "96", "--batch-size", "4", "--micro-batch-size", "2",
             "--iterations", "1", "--iter-epochs", "1", "--stop-after", "2", "--lr", "1e-2",
             "--out", str(tmp_path / "scs"), "--device", "cpu", "--seed", "3"] + extra
@@ -426,7 +429,7 @@ def scs_run(tmp_path, monkeypatch, extra):
         return out
 
     monkeypatch.setattr(train, "bash_mix", spy)
-    train.run(args, rows, [], tok, "arith")
+    train.run(args)
     logs = [json.loads(line) for line in (tmp_path / "scs" / "log.jsonl").read_text().splitlines()]
     return args, calls, [r for r in logs if r.get("phase") == "scs"]
 
@@ -475,7 +478,8 @@ def test_offline_stats_bash_counts():
     rows = make_rows([[1], [2, 3]], [[5, 6, 7, 8], [9, 10, 11]])
     offline = [([5, 1, 7, 2], [True, True, False, True]),   # took 3; differs at j=1, j=3 -> 2
                ([9, 10, 4], [True, False, False])]        # took 1 (same as y); ŷ^2 = 4 != y but not taken -> 0
-    s = train.offline_stats(rows, offline, "bash")
+    offline = [train.TrainRow(r.prompt, m, r.response, [1] * len(m), t) for r, (m, t) in zip(rows, offline)]
+    s = train.offline_stats(offline)
     assert s["model_token_share"] == pytest.approx(4 / 7)
     assert s["differs_from_y_share"] == pytest.approx(2 / 7)
 
@@ -485,7 +489,8 @@ def test_offline_stats_rac_counts():
     offline = [([1, 2, 3], [1, 9, 9], [0, 1, 1]),
                ([4, 5], [4, 5], [0, 0]),
                ([6, 7, 8, 9, 10], [6, 0, 8, 0, 0], [0, 1, 0, 1, 1])]
-    s = train.offline_stats(rows, offline, "rac")
+    offline = [train.TrainRow(r.prompt, *o) for r, o in zip(rows, offline)]
+    s = train.offline_stats(offline)
     assert s["corrected_share"] == pytest.approx(5 / 10)
     assert s["rows_without_correction"] == 1
     assert s["mean_z_len"] == pytest.approx(10 / 3)

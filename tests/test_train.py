@@ -144,9 +144,9 @@ def test_prompt_and_padding_get_no_gradient(monkeypatch):
     rows = two_rows()
     model = LogitSpy(tiny_gpt())
     seen = spy_collate(monkeypatch)
-    sft, aux = train.loss_rows(rows, [0, 1], "sft", None)
+    sft, aux = train.loss_rows(rows, [0, 1], None)
     assert aux == []
-    counts = train.term_counts(rows, [0, 1], "sft", None)
+    counts = train.term_counts(rows, [0, 1], None)
     assert counts == (12 + 2, 0)
     terms, n_tok = train.step_loss(model, sft, aux, counts, 0.0, CPU)
     terms.sum().backward()
@@ -156,7 +156,7 @@ def test_prompt_and_padding_get_no_gradient(monkeypatch):
     for i, r in enumerate(rows):
         expected[i, len(r.prompt) - 1:len(r.prompt) - 1 + len(r.response)] = 1
     assert torch.equal(seen["mask"], expected)
-    assert n_tok == 14
+    assert n_tok == (3 + 12 - 1) + (8 + 2 - 1)  # every token the forward reads, prompts included
     grad = model.logits.grad
     assert grad is not None and grad.shape[:2] == (2, 14)
     masked = seen["mask"] == 0
@@ -179,8 +179,8 @@ def test_prompt_and_padding_get_no_gradient(monkeypatch):
 def test_loss_unchanged_by_pad_id_and_prompt_targets(monkeypatch):
     rows = two_rows()
     model = tiny_gpt()
-    sft, aux = train.loss_rows(rows, [0, 1], "sft", None)
-    counts = train.term_counts(rows, [0, 1], "sft", None)
+    sft, aux = train.loss_rows(rows, [0, 1], None)
+    counts = train.term_counts(rows, [0, 1], None)
     with torch.no_grad():
         spy_collate(monkeypatch)
         base, _ = train.step_loss(model, sft, aux, counts, 0.0, CPU)
@@ -191,7 +191,7 @@ def test_loss_unchanged_by_pad_id_and_prompt_targets(monkeypatch):
             torch.testing.assert_close(other, base, rtol=0, atol=1e-6)
         # the check is sharp: changing one scored target does change the loss
         spy_collate(monkeypatch)
-        changed = [(p, i, t[:-1] + [(t[-1] + 1) % 64], m) for p, i, t, m in sft]
+        changed = [r._replace(targets=r.targets[:-1] + [(r.targets[-1] + 1) % 64]) for r in sft]
         moved, _ = train.step_loss(model, changed, aux, counts, 0.0, CPU)
         assert abs(moved[0].item() - base[0].item()) > 1e-4
 
@@ -199,12 +199,13 @@ def test_loss_unchanged_by_pad_id_and_prompt_targets(monkeypatch):
 def test_rac_unmasked_positions_get_no_gradient(monkeypatch):
     """Eq. 7: only positions with z̄ != z are scored; the others behave like the prompt."""
     rows = two_rows()
-    offline = {0: ([10, 9, 12, 8, 14], [10, 11, 12, 13, 14], [0, 1, 0, 1, 0]), 1: ([40, 63], [40, 63], [0, 0])}
+    offline = {0: train.TrainRow(rows[0].prompt, [10, 9, 12, 8, 14], [10, 11, 12, 13, 14], [0, 1, 0, 1, 0]),
+               1: train.TrainRow(rows[1].prompt, [40, 63], [40, 63], [0, 0])}
     model = LogitSpy(tiny_gpt())
     seen = spy_collate(monkeypatch)
-    sft, aux = train.loss_rows(rows, [0, 1], "rac", offline)
+    sft, aux = train.loss_rows(rows, [0, 1], offline)
     assert len(aux) == 1  # the row with no correction adds nothing
-    counts = train.term_counts(rows, [0, 1], "rac", offline)
+    counts = train.term_counts(rows, [0, 1], offline)
     assert counts == (14, 2)
     terms, _ = train.step_loss(model, sft, aux, counts, 0.0, CPU)
     terms[1].backward()
@@ -230,11 +231,11 @@ def varied_rows(seed=0):
         prompt = [rng.randrange(1, 63) for _ in range(rng.randint(1, 6))]
         resp = [rng.randrange(1, 63) for _ in range(n - 1)] + [63]
         rows.append(data.Row(prompt, resp, prompt, None, ""))
-        offline_bash[i] = ([t if rng.random() < 0.7 else rng.randrange(1, 63) for t in resp],
-                           [rng.random() < 0.3 for _ in resp])
+        offline_bash[i] = train.TrainRow(prompt, [t if rng.random() < 0.7 else rng.randrange(1, 63) for t in resp],
+                                         resp, [1] * len(resp), [rng.random() < 0.3 for _ in resp])
         z = [rng.randrange(1, 64) for _ in range(rng.randint(1, 30))]
         mask = [int(rng.random() < 0.4) for _ in z] if i % 3 else [0] * len(z)  # some rows: no correction
-        offline_rac[i] = (z, [rng.randrange(1, 64) if m else t for t, m in zip(z, mask)], mask)
+        offline_rac[i] = train.TrainRow(prompt, z, [rng.randrange(1, 64) if m else t for t, m in zip(z, mask)], mask)
     return rows, {"sft": None, "bash": offline_bash, "rac": offline_rac}
 
 
@@ -242,14 +243,13 @@ def accumulated_grads(model, rows, idx, method, offline, mb, term, naive=False):
     """The train loop's accumulation: loss_rows over the global batch, sliced into micro-batches.
     naive: each micro-batch normalised by its own token counts, then averaged over micro-batches."""
     model.zero_grad(set_to_none=True)
-    sft, aux = train.loss_rows(rows, idx, method, offline)
-    counts = train.term_counts(rows, idx, method, offline)
+    sft, aux = train.loss_rows(rows, idx, offline)
+    counts = train.term_counts(rows, idx, offline)
     n_micro = max(-(-len(sft) // mb), -(-len(aux) // mb))
     total = torch.zeros(2)
     for j in range(n_micro):
         s, a = sft[j * mb:(j + 1) * mb], aux[j * mb:(j + 1) * mb]
-        c = (sum(sum(m) if m is not None else len(t) for _, _, t, m in s),
-             sum(sum(m) if m is not None else len(t) for _, _, t, m in a)) if naive else counts
+        c = (sum(sum(r.mask) for r in s), sum(sum(r.mask) for r in a)) if naive else counts
         terms, _ = train.step_loss(model, s, a, c, 0.0, CPU)
         loss = {"sft": terms[0], "aux": terms[1], "both": terms.sum()}[term]
         (loss / n_micro if naive else loss).backward()
@@ -263,12 +263,12 @@ def test_token_weighted_accumulation_matches_one_batch(method, term):
     rows, offline = varied_rows()
     idx = list(range(len(rows)))
     model = tiny_gpt(seed=1)
-    n_sft, n_aux = train.term_counts(rows, idx, method, offline[method])
+    n_sft, n_aux = train.term_counts(rows, idx, offline[method])
     assert n_sft == sum(RESPONSE_LENGTHS)
     if method == "bash":
         assert n_aux == n_sft
     if method == "rac":
-        assert n_aux == sum(sum(offline["rac"][i][2]) for i in idx) > 0
+        assert n_aux == sum(sum(offline["rac"][i].mask) for i in idx) > 0
 
     one, loss_one = accumulated_grads(model, rows, idx, method, offline[method], mb=len(rows), term=term)
     four, loss_four = accumulated_grads(model, rows, idx, method, offline[method], mb=2, term=term)

@@ -1,0 +1,232 @@
+"""The built-in study: does training on self-generated tokens (BASH, RAC) beat continued SFT?
+
+Everything runs on a CPU with nothing to download. Per task (data.builtin_task):
+  1. train / dev / test splits of arithmetic chains, no prompt in two splits;
+  2. one warm-up: a small model trained from scratch with SFT until the dev accuracy stops
+     improving (the per-epoch dev evaluations in <out>/<task>/warmup/log.jsonl show the plateau),
+     on the training rows and on the reference rows f(x, y) -> y, so that the model has learnt to
+     use a reference answer, which RAC's labels need;
+  3. from that one checkpoint, each method continues for the same number of steps, once per seed:
+     continued SFT, BASH (J_SFT + J_BASH), RAC (J_SFT + J_RAC); scored by exact match of the
+     final answer (greedy) on the test split, or on dev with --eval-split dev (for --tune).
+
+    python scripts/study.py                                    # the main job: chain task, seed 0
+    python scripts/study.py --tasks chain totals --seeds 0 1 2 3 4       # the 5-seed study
+    python scripts/study.py --tune --tasks chain totals        # the dev grid the settings came from
+
+Tables go to <out>/results.md and results.json (scripts/plot_study.py draws them).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train  # noqa: E402
+from data import BUILTIN_FORMS, builtin_task  # noqa: E402
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262}  # two-sided 95 % quantiles of Student's t by degrees of freedom
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["chain"], choices=BUILTIN_FORMS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one continuation of every method per seed, all from the same warm-up")
+    p.add_argument("--methods", nargs="+", default=["sft", "bash", "rac"], choices=train.METHODS)
+    p.add_argument("--eval-split", default="test", choices=("dev", "test"))
+    p.add_argument("--tune", action="store_true",
+                   help="score on dev a grid of continuation lr, BASH beta and RAC temperature")
+    p.add_argument("--out", default="out/study")
+    g = p.add_argument_group("data")
+    g.add_argument("--train-size", type=int, default=3000)
+    g.add_argument("--dev-size", type=int, default=500)
+    g.add_argument("--test-size", type=int, default=1000)
+    g.add_argument("--terms", type=int, nargs=2, default=[4, 7], help="numbers per problem")
+    g.add_argument("--digits", type=int, default=1, help="digits per number")
+    g = p.add_argument_group("warm-up (SFT from scratch)")
+    g.add_argument("--warmup-epochs", type=float, default=8.0)
+    g.add_argument("--warmup-lr", type=float, default=2e-3)
+    g = p.add_argument_group("continuation (the same for every method)")
+    g.add_argument("--epochs", type=float, default=1.0, help="epochs of each continuation")
+    g.add_argument("--iterations", type=int, default=1, help="H, offline sets per continuation")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--beta", type=float, default=0.2, help="BASH: share of the model's tokens")
+    g.add_argument("--rac-temperature", type=float, default=1.0,
+                   help="RAC: temperature of the sampled z")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and the warm-up
+
+
+def write_jsonl(path: Path, rows):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def write_splits(folder: Path, form, args) -> dict:
+    """train / dev / test JSONL with no prompt in two splits, and warmup.jsonl: the training
+    rows plus the reference rows f(x, y) -> y (f is data.py's arith template, 'ref {y}\\n{x}')."""
+    folder.mkdir(parents=True, exist_ok=True)
+    draw = lambda n, seed: builtin_task(n, seed, tuple(args.terms), args.digits, form)  # noqa: E731
+    seen, splits = set(), {}
+    for name, n, seed in (("train", args.train_size, 1234), ("dev", args.dev_size, 5678),
+                          ("test", args.test_size, 9012)):
+        fresh = [e for e in draw(3 * n, seed) if not (e.prompt in seen or seen.add(e.prompt))]
+        if len(fresh) < n:
+            sys.exit(f"error: --{name}-size {n}: only {len(fresh)} distinct new problems exist")
+        splits[name] = [{"prompt": e.prompt, "response": e.response} for e in fresh[:n]]
+    splits["warmup"] = splits["train"] + [{"prompt": f"ref {r['response']}\n{r['prompt']}",
+                                           "response": r["response"]} for r in splits["train"]]
+    paths = {}
+    for name, rows in splits.items():
+        paths[name] = folder / f"{name}.jsonl"
+        write_jsonl(paths[name], rows)
+    return paths
+
+
+def common(data: dict, eval_split: str, out: Path, *extra) -> list[str]:
+    return ["--data", str(data["train"]), "--eval-data", str(data[eval_split]), "--task", "arith",
+            "--overflow", "fail", "--batch-size", "64", "--micro-batch-size", "64",
+            "--device", "cpu", "--out", str(out), *map(str, extra)]
+
+
+def warm_up(folder: Path, data: dict, args) -> Path:
+    """SFT from scratch, evaluated on dev after every epoch; reused while its settings hold."""
+    out = folder / "warmup"
+    settings = {"epochs": args.warmup_epochs, "lr": args.warmup_lr, "train": args.train_size,
+                "terms": args.terms, "digits": args.digits}
+    done = out / "settings.json"
+    if done.exists() and json.loads(done.read_text()) == settings:
+        print(f"{folder.name}: reusing the warm-up in {out}", flush=True)
+        return out / "checkpoint"
+    shutil.rmtree(out, ignore_errors=True)
+    per_epoch = train.steps_per_epoch(2 * args.train_size, 64)
+    argv = common({**data, "train": data["warmup"]}, "dev", out, "--init", "scratch",
+                  "--method", "sft", "--iter-epochs", args.warmup_epochs, "--lr", args.warmup_lr,
+                  "--eval-every", per_epoch, "--seed", 0)
+    print(f"{folder.name}: SFT warm-up from scratch, {args.warmup_epochs} epochs", flush=True)
+    train.run(train.get_args(argv))
+    done.write_text(json.dumps(settings))
+    return out / "checkpoint"
+
+
+def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eval_split):
+    """One method's continuation from the warm-up; returns train.run's result."""
+    shutil.rmtree(out, ignore_errors=True)  # the study's own folder: a rerun starts it afresh
+    argv = common(data, eval_split, out, "--init", init, "--method", method, "--seed", seed,
+                  "--lr", settings["lr"], "--iterations", settings["iterations"],
+                  "--iter-epochs", settings["epochs"] / settings["iterations"],
+                  "--beta", settings["beta"], "--rac-temperature", settings["rac_temperature"])
+    res, _ = train.run(train.get_args(argv))
+    return {k: v for k, v in res.items() if k != "sample"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs and tables
+
+
+def runs(args) -> list[tuple[str, dict]]:
+    """(method, settings) pairs: the chosen settings, or with --tune the dev grid around them."""
+    base = {"lr": args.lr, "epochs": args.epochs, "iterations": args.iterations,
+            "beta": args.beta, "rac_temperature": args.rac_temperature}
+    if not args.tune:
+        return [(m, base) for m in args.methods]
+    grid = [("sft", {**base, "lr": lr}) for lr in (3e-5, 1e-4, 3e-4)]
+    grid += [("bash", {**base, "beta": b}) for b in (0.1, 0.2, 0.4)]
+    return grid + [("rac", {**base, "rac_temperature": t}) for t in (0.5, 1.0)]
+
+
+def label(method, settings, args) -> str:
+    if not args.tune:
+        return method
+    keys = {"sft": "lr", "bash": "beta", "rac": "rac_temperature"}.get(method)
+    return f"{method} ({keys}={settings[keys]})" if keys else method
+
+
+def mean_ci(values):
+    """Mean and the half-width of its 95 % interval (Student's t); no interval from one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    return mean, T_975.get(n - 1, 1.96) * sd / n ** 0.5
+
+
+def fmt(values, spec, scale=1.0, interval=True):
+    if not values:
+        return "-"
+    mean, half = mean_ci([scale * v for v in values])
+    if half is None or not interval:
+        return format(mean, spec)
+    return f"{format(mean, spec)} ± {format(half, spec.lstrip('+'))}"
+
+
+COLUMNS = [("val loss", "val_loss", ".4f", 1), ("model-token share", "model_token_share", ".3f", 1),
+           ("differs from y", "differs_from_y_share", ".4f", 1),
+           ("corrected share", "corrected_share", ".3f", 1),
+           ("rows without correction", "rows_without_correction", ".0f", 1),
+           ("build s", "build_s", ".1f", 0), ("train s", "train_s", ".1f", 0)]  # 0: mean only
+
+
+def table(task, results, seeds, split) -> str:
+    """Markdown: mean ± 95 % interval over seeds; Δ = accuracy minus continued SFT's, seed by
+    seed (paired: the same warm-up, seed and data order)."""
+    head = ["method", "accuracy %", "Δ vs SFT (points)"] + [c[0] for c in COLUMNS]
+    lines = [f"**{task}**, seeds {seeds}, exact match on the {split} split; mean ± 95 % interval",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    sft = {r["seed"]: r["accuracy"] for r in results if r["label"] == "sft"}
+    for name in dict.fromkeys(r["label"] for r in results):
+        rs = [r for r in results if r["label"] == name]
+        delta = [100 * (r["accuracy"] - sft[r["seed"]]) for r in rs if r["seed"] in sft]
+        cells = [name, fmt([r["accuracy"] for r in rs], ".1f", 100),
+                 fmt(delta, "+.1f") if name not in ("sft", "warm-up") else "-"]
+        cells += [fmt([r[key] for r in rs if key in r], spec, interval=ci)
+                  for _, key, spec, ci in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    split = "dev" if args.tune else args.eval_split
+    root, t0 = Path(args.out) / ("tune" if args.tune else split), time.perf_counter()
+    report, everything = [], []
+    for task in args.tasks:
+        folder = Path(args.out) / task
+        data = write_splits(folder / "data", task, args)
+        init = warm_up(folder, data, args)
+        res = continue_from(init, data, root / task / "warmup", "sft", 0,
+                            {**runs(args)[0][1], "epochs": 0}, split)  # no steps: evaluate only
+        results = [{"task": task, "label": "warm-up", "method": "sft", "seed": 0, **res}]
+        for seed in args.seeds:
+            for method, settings in runs(args):
+                name = label(method, settings, args)
+                print(f"{task}: {name}, seed {seed}", flush=True)
+                out = root / task / f"seed{seed}" / name.replace(" ", "").replace("=", "")
+                res = continue_from(init, data, out, method, seed, settings, split)
+                results.append({"task": task, "label": name, "method": method, "seed": seed,
+                                "settings": settings, **res})
+        report.append(table(task, results, args.seeds, split))
+        everything += results
+    minutes = (time.perf_counter() - t0) / 60
+    text = "\n\n".join(report) + f"\n\nwall time {minutes:.1f} min\n"
+    print(text)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, body in (("results.md", text), ("results.json", json.dumps(everything, indent=1))):
+        tmp = root / (name + ".tmp")
+        tmp.write_text(body)
+        os.replace(tmp, root / name)
+
+
+if __name__ == "__main__":
+    main()
