@@ -286,7 +286,7 @@ def offline_stats(offline: list[TrainRow]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss: J_SFT plus the method's term, each weighted by its tokens over the whole global batch
+# Loss: J_SFT plus the method's term, both over the SFT tokens of the whole global batch
 
 
 def loss_rows(rows, idx, offline):
@@ -297,17 +297,20 @@ def loss_rows(rows, idx, offline):
     return [sft_row(rows[i]) for i in idx], aux
 
 
-def term_counts(rows, idx, offline):
-    """Tokens each term scores over the whole global batch idx: every rank knows them from the
-    lengths and masks, without communication."""
-    n_sft = sum(len(rows[i].response) for i in idx)
-    return n_sft, sum(sum(offline[i].mask) for i in idx) if offline is not None else 0
+def sft_tokens(rows, idx):
+    """The loss's denominator: the SFT target tokens of the whole global batch idx. Every rank
+    knows it from the lengths, without communication."""
+    return sum(len(rows[i].response) for i in idx)
 
 
-def step_loss(model, sft, aux, counts, noise_alpha, device):
+def step_loss(model, sft, aux, denom, noise_alpha, device):
     """One forward over a micro-batch of SFT rows and method rows. Returns [J_SFT part, J_aux
-    part], each a sum over its tokens divided by the term's token count in the whole global
-    batch, and the number of tokens the forward read."""
+    part] and the number of tokens the forward read.
+
+    Algorithm 2 lines 15-16 and Eq. 7 divide both terms by the batch size and sum tokens within
+    a row, so one BASH or RAC token weighs as much as one SFT token. The token-weighted form:
+    each term is a sum over the tokens it scores, both divided by the same number `denom`, the
+    SFT target tokens of the whole global batch."""
     items = sft + aux
     x, y, mask = collate([r.prompt for r in items], [r.inputs for r in items],
                          [r.targets for r in items], pad_id=0, masks=[r.mask for r in items])
@@ -315,9 +318,9 @@ def step_loss(model, sft, aux, counts, noise_alpha, device):
     with autocast(device):
         logits = model(x, noise_alpha=noise_alpha)
     n = len(sft)
-    terms = [masked_nll(logits[:n], y[:n], mask[:n], denom=max(counts[0], 1))]
-    terms.append(masked_nll(logits[n:], y[n:], mask[n:], denom=max(counts[1], 1))
-                 if aux else logits.new_zeros(()))
+    terms = [masked_nll(logits[:n], y[:n], mask[:n], denom=denom)]
+    terms.append(masked_nll(logits[n:], y[n:], mask[n:], denom=denom) if aux
+                 else logits.new_zeros(()))
     return torch.stack(terms), sum(len(r.prompt) + len(r.inputs) - 1 for r in items)
 
 
@@ -499,25 +502,24 @@ def train_step(r: Run, step: int, idx: list[int], offline, method: str):
     """One optimizer step over the global batch idx: J_SFT + the method's term, accumulated over
     micro-batches and ranks exactly as one batch. Returns (the terms, tokens read, lr)."""
     a, mine = r.args, idx[r.rank::r.world]
-    counts = term_counts(r.rows, idx, offline)
     if method == "scs":  # Eq. 3: the mixing redone with the current weights at every step
         r.raw.eval()  # sample as BASH does, without dropout
         offline = dict(zip(mine, bash_rows(r.raw, [r.rows[i] for i in mine], a.beta,
                                            a.mix_temperature, seed_for(a.seed, "scs", step))))
         r.model.train()
-        counts = (counts[0], counts[0])  # ŷ has y's length, and every position is scored
     lr = lr_at(step, r.total, a)
     for group in r.opt.param_groups:
         group["lr"] = lr
     noise = a.neftune_alpha if a.method == "neftune" else 0.0
     sft, aux = loss_rows(r.rows, mine, offline)
+    denom = sft_tokens(r.rows, idx)
     mb = a.micro_batch_size
     n_micro = max(math.ceil(len(sft) / mb), math.ceil(len(aux) / mb))
     sums = torch.zeros(3, device=r.raw.device)  # J_SFT, J_aux, tokens read
     for j in range(n_micro):
         with r.model.no_sync() if r.world > 1 and j < n_micro - 1 else nullcontext():
             terms, tokens = step_loss(r.model, sft[j * mb:(j + 1) * mb], aux[j * mb:(j + 1) * mb],
-                                      counts, noise, r.raw.device)
+                                      denom, noise, r.raw.device)
             # DDP averages gradients over ranks; our loss is a global-batch sum: undo the average
             (terms.sum() * r.world).backward()
         sums += torch.cat([terms.detach(), terms.new_tensor([tokens])])

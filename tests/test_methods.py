@@ -258,8 +258,8 @@ def test_rac_loss_is_masked_nll_of_labels(model):
     offline.append(train.TrainRow(x4, z4, list(z4), [0] * 5))
     idx = [0, 1, 2, 3]
     sft, aux = train.loss_rows(rows, idx, offline)
-    counts = train.term_counts(rows, idx, offline)
-    terms, _ = train.step_loss(model, sft, aux, counts, 0.0, CPU)
+    denom = train.sft_tokens(rows, idx)
+    terms, _ = train.step_loss(model, sft, aux, denom, 0.0, CPU)
 
     num_rac, cnt_rac = 0.0, 0
     num_sft, cnt_sft = 0.0, 0
@@ -268,13 +268,14 @@ def test_rac_loss_is_masked_nll_of_labels(model):
         num_rac, cnt_rac = num_rac + s, cnt_rac + c
         s, c = row_nll(model, r.prompt, r.response, r.response)
         num_sft, cnt_sft = num_sft + s, cnt_sft + c
-    assert counts == (cnt_sft, cnt_rac)
-    assert terms[1].item() == pytest.approx(num_rac / cnt_rac, rel=1e-5, abs=1e-6)
+    assert denom == cnt_sft and 0 < cnt_rac < cnt_sft
+    # Eq. 7 with Algorithm 2's weights: a RAC token weighs as much as an SFT token
+    assert terms[1].item() == pytest.approx(num_rac / cnt_sft, rel=1e-5, abs=1e-6)
     assert terms[0].item() == pytest.approx(num_sft / cnt_sft, rel=1e-5, abs=1e-6)
 
     # the agreeing row adds exactly 0: same loss with it forced into the batch (same denominator)
     forced = aux + [train.TrainRow(x4, z4, list(z4), [0] * 5)]
-    terms2, _ = train.step_loss(model, sft, forced, counts, 0.0, CPU)
+    terms2, _ = train.step_loss(model, sft, forced, denom, 0.0, CPU)
     assert torch.allclose(terms2, terms, rtol=0, atol=1e-6)
 
 
@@ -290,9 +291,8 @@ def test_rac_loss_zero_not_nan_when_nothing_differs(model):
     offline = [train.TrainRow(r.prompt, z, list(z), [0] * len(z))
                for r, z in zip(rows, (rand_ids(5, g), rand_ids(2, g)))]
     sft, aux = train.loss_rows(rows, [0, 1], offline)
-    counts = train.term_counts(rows, [0, 1], offline)
-    assert aux == [] and counts[1] == 0
-    terms, _ = train.step_loss(model, sft, aux, counts, 0.0, CPU)
+    assert aux == []
+    terms, _ = train.step_loss(model, sft, aux, train.sft_tokens(rows, [0, 1]), 0.0, CPU)
     assert terms[1].item() == 0.0 and torch.isfinite(terms).all()
 
 
@@ -308,21 +308,57 @@ def test_bash_step_loss_is_sft_plus_bash(model):
     assert mixed != ys
     idx = [3, 0, 4, 1]  # a global batch that is not the whole set, out of order
     sft, aux = train.loss_rows(rows, idx, offline)
-    counts = train.term_counts(rows, idx, offline)
-    terms, _ = train.step_loss(model, sft, aux, counts, 0.0, CPU)
+    denom = train.sft_tokens(rows, idx)
+    terms, _ = train.step_loss(model, sft, aux, denom, 0.0, CPU)
 
     n = sum(len(ys[i]) for i in idx)
     j_sft = sum(row_nll(model, prompts[i], ys[i], ys[i])[0] for i in idx) / n
     j_bash = sum(row_nll(model, prompts[i], mixed[i], ys[i])[0] for i in idx) / n  # input x ++ ŷ[:-1], target y
-    assert counts == (n, n)
+    assert denom == n
     assert terms[0].item() == pytest.approx(j_sft, rel=1e-5)
     assert terms[1].item() == pytest.approx(j_bash, rel=1e-5)
     assert terms.sum().item() == pytest.approx(j_sft + j_bash, rel=1e-5)
     assert abs(j_bash - j_sft) > 1e-3  # the mixed prefix changes the loss
 
     # micro-batches weigh tokens over the global batch: the parts add up to the whole
-    halves = [train.step_loss(model, sft[a:b], aux[a:b], counts, 0.0, CPU)[0] for a, b in ((0, 1), (1, 4))]
+    halves = [train.step_loss(model, sft[a:b], aux[a:b], denom, 0.0, CPU)[0] for a, b in ((0, 1), (1, 4))]
     assert torch.allclose(halves[0] + halves[1], terms, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["bash", "rac"])
+def test_combined_loss_weighs_every_token_alike(model, method):
+    """Algorithm 2 lines 15-16 / Eq. 7: J = (sum of SFT token losses + sum of the method's token
+    losses) / (SFT tokens of the batch). A batch where RAC corrects one token in a hundred: the
+    old per-term mean (each term over its own tokens) gives that token ~100x the weight."""
+    g = torch.Generator().manual_seed(21)
+    prompts = [rand_ids(n, g) for n in (3, 6, 2, 5)]
+    ys = [rand_ids(n, g) for n in (30, 25, 28, 20)]
+    rows = make_rows(prompts, ys)
+    if method == "bash":
+        mixed, took = bash_mix(model, prompts, ys, beta=0.3, temperature=1.0, seed=8)
+        offline = [train.TrainRow(x, m, y, [1] * len(y), t) for x, m, y, t in zip(prompts, mixed, ys, took)]
+    else:  # z = y with one position relabelled: one corrected token in the whole batch
+        zbar = [list(y) for y in ys]
+        zbar[1][7] = (zbar[1][7] + 1) % VOCAB
+        offline = [train.TrainRow(x, y, zb, [int(a != b) for a, b in zip(y, zb)])
+                   for x, y, zb in zip(prompts, ys, zbar)]
+    idx = [0, 1, 2, 3]
+    sft, aux = train.loss_rows(rows, idx, offline)
+    terms, _ = train.step_loss(model, sft, aux, train.sft_tokens(rows, idx), 0.0, CPU)
+
+    sum_sft = sum(row_nll(model, x, y, y)[0] for x, y in zip(prompts, ys))
+    aux_parts = [row_nll(model, x, o.inputs, o.targets, o.mask) for x, o in zip(prompts, offline)]
+    sum_aux, n_aux = sum(p[0] for p in aux_parts), sum(p[1] for p in aux_parts)
+    n_sft = sum(map(len, ys))
+    by_hand = (sum_sft + sum_aux) / n_sft
+    assert terms.sum().item() == pytest.approx(by_hand, rel=1e-5)
+    assert terms[1].item() == pytest.approx(sum_aux / n_sft, rel=1e-5)
+    per_term_mean = sum_sft / n_sft + sum_aux / n_aux  # the old, wrong weighting
+    if method == "rac":
+        assert n_aux == 1
+        assert abs(per_term_mean - by_hand) > 0.2 * by_hand  # far outside rel=1e-5
+    else:
+        assert n_aux == n_sft  # BASH scores every position: both forms agree
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,7 +426,7 @@ def test_scs_loss_equals_bash_loss_with_same_weights_and_seed(model):
                                            seed=train.seed_for(base, "batch", 0))))
     mixed = [online[i].inputs for i in idx]
     sft, aux = train.loss_rows(rows, idx, online)
-    scs_terms, _ = train.step_loss(model, sft, aux, train.term_counts(rows, idx, online), 0.0, CPU)
+    scs_terms, _ = train.step_loss(model, sft, aux, train.sft_tokens(rows, idx), 0.0, CPU)
 
     # BASH, offline: build_offline with the same weights; its first batch is seeded by (base, 0)
     build = lambda m, rs, s: train.bash_rows(m, rs, beta, temp, s)  # noqa: E731
@@ -398,7 +434,7 @@ def test_scs_loss_equals_bash_loss_with_same_weights_and_seed(model):
     model.eval()  # build_offline leaves the model in training mode
     assert [o.inputs for o in offline] == mixed
     sft_b, aux_b = train.loss_rows(rows, idx, offline)
-    bash_terms, _ = train.step_loss(model, sft_b, aux_b, train.term_counts(rows, idx, offline), 0.0, CPU)
+    bash_terms, _ = train.step_loss(model, sft_b, aux_b, train.sft_tokens(rows, idx), 0.0, CPU)
     assert torch.allclose(scs_terms, bash_terms, rtol=0, atol=0)
 
     n = sum(map(len, ys))

@@ -146,9 +146,9 @@ def test_prompt_and_padding_get_no_gradient(monkeypatch):
     seen = spy_collate(monkeypatch)
     sft, aux = train.loss_rows(rows, [0, 1], None)
     assert aux == []
-    counts = train.term_counts(rows, [0, 1], None)
-    assert counts == (12 + 2, 0)
-    terms, n_tok = train.step_loss(model, sft, aux, counts, 0.0, CPU)
+    denom = train.sft_tokens(rows, [0, 1])
+    assert denom == 12 + 2
+    terms, n_tok = train.step_loss(model, sft, aux, denom, 0.0, CPU)
     terms.sum().backward()
 
     # the mask is exactly the response positions: position P-1+j predicts response[j]
@@ -180,7 +180,7 @@ def test_loss_unchanged_by_pad_id_and_prompt_targets(monkeypatch):
     rows = two_rows()
     model = tiny_gpt()
     sft, aux = train.loss_rows(rows, [0, 1], None)
-    counts = train.term_counts(rows, [0, 1], None)
+    counts = train.sft_tokens(rows, [0, 1])
     with torch.no_grad():
         spy_collate(monkeypatch)
         base, _ = train.step_loss(model, sft, aux, counts, 0.0, CPU)
@@ -205,9 +205,9 @@ def test_rac_unmasked_positions_get_no_gradient(monkeypatch):
     seen = spy_collate(monkeypatch)
     sft, aux = train.loss_rows(rows, [0, 1], offline)
     assert len(aux) == 1  # the row with no correction adds nothing
-    counts = train.term_counts(rows, [0, 1], offline)
-    assert counts == (14, 2)
-    terms, _ = train.step_loss(model, sft, aux, counts, 0.0, CPU)
+    denom = train.sft_tokens(rows, [0, 1])
+    assert denom == 14
+    terms, _ = train.step_loss(model, sft, aux, denom, 0.0, CPU)
     terms[1].backward()
     g = model.logits.grad[2]  # the RAC row comes after the two SFT rows
     scored = seen["mask"][2] == 1
@@ -241,15 +241,15 @@ def varied_rows(seed=0):
 
 def accumulated_grads(model, rows, idx, method, offline, mb, term, naive=False):
     """The train loop's accumulation: loss_rows over the global batch, sliced into micro-batches.
-    naive: each micro-batch normalised by its own token counts, then averaged over micro-batches."""
+    naive: each micro-batch normalised by its own SFT tokens, then averaged over micro-batches."""
     model.zero_grad(set_to_none=True)
     sft, aux = train.loss_rows(rows, idx, offline)
-    counts = train.term_counts(rows, idx, offline)
+    counts = train.sft_tokens(rows, idx)
     n_micro = max(-(-len(sft) // mb), -(-len(aux) // mb))
     total = torch.zeros(2)
     for j in range(n_micro):
         s, a = sft[j * mb:(j + 1) * mb], aux[j * mb:(j + 1) * mb]
-        c = (sum(sum(r.mask) for r in s), sum(sum(r.mask) for r in a)) if naive else counts
+        c = sum(sum(r.mask) for r in s) if naive else counts
         terms, _ = train.step_loss(model, s, a, c, 0.0, CPU)
         loss = {"sft": terms[0], "aux": terms[1], "both": terms.sum()}[term]
         (loss / n_micro if naive else loss).backward()
@@ -263,12 +263,7 @@ def test_token_weighted_accumulation_matches_one_batch(method, term):
     rows, offline = varied_rows()
     idx = list(range(len(rows)))
     model = tiny_gpt(seed=1)
-    n_sft, n_aux = train.term_counts(rows, idx, offline[method])
-    assert n_sft == sum(RESPONSE_LENGTHS)
-    if method == "bash":
-        assert n_aux == n_sft
-    if method == "rac":
-        assert n_aux == sum(sum(offline["rac"][i].mask) for i in idx) > 0
+    assert train.sft_tokens(rows, idx) == sum(RESPONSE_LENGTHS)
 
     one, loss_one = accumulated_grads(model, rows, idx, method, offline[method], mb=len(rows), term=term)
     four, loss_four = accumulated_grads(model, rows, idx, method, offline[method], mb=2, term=term)
