@@ -457,15 +457,17 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
     return out
 
 
-def generate_answers(model, rows, tok, batch_size, max_new_tokens=None):
-    """Greedy answers to every row's prompt, as text."""
+def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperature=0.0, seed=0):
+    """Answers to every row's prompt, as text: greedy, or sampled at `temperature` (batch k seeded
+    by seed_for(seed, "answers", k))."""
     room = model.config.block_size - max(len(r.prompt) for r in rows)
     max_new = min(max_new_tokens or max(len(r.response) for r in rows) + 16, room)
     texts = []
     with packed_linears(model, batch_size):
         for k in range(0, len(rows), batch_size):
             chunk = rows[k:k + batch_size]
-            gen = generate(model, [r.prompt for r in chunk], max_new, eos_id=tok.eos_id)
+            gen = generate(model, [r.prompt for r in chunk], max_new, temperature,
+                           eos_id=tok.eos_id, seed=seed_for(seed, "answers", k // batch_size))
             texts += [tok.decode([t for t in g if t != tok.eos_id]) for g in gen]
     return texts
 
