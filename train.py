@@ -294,7 +294,7 @@ def pair_rows(model, rows, rejected, micro_batch) -> list[PairRow]:
         logp, _ = sequence_logps(model, [r.prompt for r in chunk] * 2,
                                  [r.response for r in chunk] + rej, model.device)
         n = len(chunk)
-        out += [PairRow(r.prompt, r.response, z, c, j) for r, z, c, j
+        out += [PairRow(r.prompt, r.response, z, ref_y, ref_z) for r, z, ref_y, ref_z
                 in zip(chunk, rej, logp[:n].tolist(), logp[n:].tolist())]
     return out
 
