@@ -11,7 +11,7 @@ import random
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # r50k_base (the GPT-2 vocabulary) is read from assets/ so no network is needed.
@@ -165,6 +165,7 @@ class Example:
     answer: str | None = None  # final answer for exact match
     line: int = 0  # line in the source file, for error messages (0: not from a file)
     shape: str = "prompt"  # which JSONL shape it came from: "prompt", "messages" or "question"
+    rejected: str | None = None  # a preference pair's rejected response (read_jsonl(pairs=True))
 
 
 def _field(obj: dict, key: str, kind: type, where: str):
@@ -202,7 +203,31 @@ def _example(obj, where: str, line: int) -> Example:
     return ex
 
 
-def read_jsonl(path) -> list[Example]:
+def _pair(obj, where: str, line: int) -> Example:
+    """A preference pair: {"prompt", "chosen", "rejected"}, or {"messages": the turns before the
+    reply, "chosen", "rejected"}; chosen and rejected are the replies' text. The chosen reply is
+    read as the response of the prompt/response or messages shape, with the same checks."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "prompt" not in obj and "messages" not in obj:
+        raise DataError(f"{where}: unknown shape with keys {sorted(obj)}; expected "
+                        "prompt/chosen/rejected or messages/chosen/rejected")
+    chosen, rejected = _field(obj, "chosen", str, where), _field(obj, "rejected", str, where)
+    if "messages" in obj:
+        if not _field(obj, "messages", list, where):
+            raise DataError(f"{where}: field 'messages' must hold the turns before the reply")
+        ex = _example({"messages": obj["messages"] + [{"role": "assistant", "content": chosen}]},
+                      where, line)
+    else:
+        ex = _example({"prompt": obj["prompt"], "response": chosen}, where, line)
+    if not rejected.strip():
+        raise DataError(f"{where}: empty rejected response")
+    ex.rejected = rejected
+    return ex
+
+
+def read_jsonl(path, pairs: bool = False) -> list[Example]:
+    """One Example per non-blank line; pairs: preference pairs (see _pair)."""
     path = Path(path)
     examples = []
     with open(path, "rb") as f:  # binary, so a bad byte is reported with its line
@@ -218,7 +243,7 @@ def read_jsonl(path) -> list[Example]:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            examples.append(_example(obj, where, line))
+            examples.append((_pair if pairs else _example)(obj, where, line))
     if not examples:
         raise DataError(f"{path}: no examples (file is empty)")
     return examples
@@ -243,6 +268,7 @@ class Row:
     ref_prompt: list[int]  # f(x, y): the RAC reference prompt; the model continues it with a new response
     answer: str | None  # for exact match
     reference: str  # response text, for ROUGE
+    rejected: list[int] | None = None  # a preference pair's rejected response ids + [eos_id]
 
 
 def render_chat(turns: list[dict], tok: Tokenizer) -> list[int]:
@@ -328,6 +354,17 @@ def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int
         rows.append(r)
     if cut:
         print(f"truncated {cut} of {len(rows)} rows to max_len", file=sys.stderr)
+    return rows
+
+def encode_pairs(examples: list[Example], tok: Tokenizer, task: str, max_len: int,
+                 overflow: str = "truncate") -> list[Row]:
+    """Preference pairs as rows (x, chosen) whose Row.rejected holds the rejected ids: each
+    reply is fitted to max_len with x by encode_rows' rule for a response."""
+    rows = encode_rows(examples, tok, task, max_len, overflow, need_ref=False)
+    rejected = encode_rows([replace(e, response=e.rejected) for e in examples], tok, task,
+                           max_len, overflow, need_ref=False)
+    for row, rej in zip(rows, rejected):
+        row.rejected = rej.response
     return rows
 
 # -----------------------------------------------------------------------------

@@ -210,6 +210,12 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+def token_nll(logits, targets):
+    """-log p(target) at every position, (B, T), in fp32."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return nll.view(targets.shape)
+
+
 def masked_nll(logits, targets, mask, denom=None):
     """Token-level negative log-likelihood over the positions where mask is 1.
 
@@ -217,7 +223,7 @@ def masked_nll(logits, targets, mask, denom=None):
     `denom` overrides the count: under gradient accumulation pass the token count of the whole
     global batch, so every token weighs the same whatever micro-batch it fell in.
     """
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    nll = token_nll(logits, targets).flatten()
     mask = mask.flatten().to(nll.dtype)
     if denom is None:
         denom = mask.sum().clamp(min=1)

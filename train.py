@@ -1,5 +1,6 @@
-"""Training: SFT, then BASH or RAC iterations (the paper's Algorithms 1 and 2), the baselines SCS
-and NEFTune, evaluation and checkpoints. One process, or several under torchrun.
+"""Training: SFT, then BASH or RAC iterations (the paper's Algorithms 1 and 2), the baselines SCS,
+NEFTune and SPIN, DPO on preference pairs, evaluation and checkpoints. One process, or several
+under torchrun.
 
     python train.py --init DIR --data train.jsonl --eval-data dev.jsonl --method bash --out out/bash
     torchrun --nproc_per_node=4 train.py --init DIR --data train.jsonl --method rac --out out/rac
@@ -23,14 +24,16 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (TASKS, DataError, byte_tokenizer, collate, encode_rows, extract_answer,
-                  gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
+from data import (TASKS, DataError, byte_tokenizer, collate, encode_pairs, encode_rows,
+                  extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
 from generate import autocast, bash_mix, generate, packed_linears, rac_labels
-from model import GPT, GPTConfig, from_pretrained, masked_nll, save_pretrained
+from model import GPT, GPTConfig, from_pretrained, masked_nll, save_pretrained, token_nll
 
-METHODS = ("sft", "bash", "rac", "scs", "neftune")
+METHODS = ("sft", "bash", "rac", "scs", "neftune", "dpo", "spin")
+PREFERENCE = ("dpo", "spin")  # trained on pairs with the DPO loss
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
 
@@ -45,7 +48,8 @@ def get_args(argv=None):
                    help="'scratch', or a checkpoint directory (config.json + model.safetensors)")
     g.add_argument("--data", required=True,
                    help="training JSONL: {prompt,response}, {messages} or {question,answer} "
-                        "per line")
+                        "per line; for --method dpo, pairs {prompt,chosen,rejected} or "
+                        "{messages,chosen,rejected} (messages: the turns before the reply)")
     g.add_argument("--eval-data", default=None,
                    help="evaluation JSONL (same shapes); validation loss, exact match of final "
                         "answers, ROUGE for --task summarize")
@@ -72,9 +76,13 @@ def get_args(argv=None):
     g.add_argument("--method", default="sft", choices=METHODS,
                    help="sft; bash / rac: J_SFT + J_BASH / J_RAC on an offline set rebuilt every "
                         "iteration; scs: online scheduled sampling, the mixing redone at every "
-                        "step; neftune: SFT with embedding noise")
+                        "step; neftune: SFT with embedding noise; dpo: the DPO loss on the "
+                        "--data pairs, reference = the model at the start; spin: every "
+                        "iteration pairs (y, z ~ the current model), reference = the current "
+                        "model, then the DPO loss")
     g.add_argument("--sft-epochs", type=float, default=0.0,
-                   help="K1: epochs of SFT alone before the first iteration")
+                   help="K1: epochs of SFT alone before the first iteration (must be 0 for "
+                        "dpo)")
     g.add_argument("--iterations", type=int, default=1,
                    help="H: iterations of {build offline set; train}")
     g.add_argument("--iter-epochs", type=float, default=1.0,
@@ -88,6 +96,12 @@ def get_args(argv=None):
     g.add_argument("--rac-max-new-tokens", type=int, default=None,
                    help="RAC: cap on z (default: longest reference + 16)")
     g.add_argument("--neftune-alpha", type=float, default=5.0, help="NEFTune noise scale alpha")
+    g.add_argument("--dpo-beta", type=float, default=0.1,
+                   help="DPO/SPIN: lambda, the scale of the log-ratio rewards")
+    g.add_argument("--spin-temperature", type=float, default=1.0,
+                   help="SPIN: temperature of the sampled rejected responses z")
+    g.add_argument("--spin-max-new-tokens", type=int, default=None,
+                   help="SPIN: cap on z (default: longest reference + 16)")
     g.add_argument("--build-batch-size", type=int, default=256,
                    help="rows per decode batch when building offline sets")
 
@@ -123,6 +137,9 @@ def get_args(argv=None):
     g.add_argument("--stop-after", type=int, default=0,
                    help="save and stop after N optimizer steps (resume later)")
     args = p.parse_args(argv)
+    if args.method == "dpo" and args.sft_epochs:
+        p.error("--method dpo trains on the pairs from its first step: --sft-epochs must be 0 "
+                "(train SFT first, then --init from its checkpoint)")
     if args.lr is None:
         args.lr = 2e-3 if args.init == "scratch" else 1e-5
     return args
@@ -170,12 +187,15 @@ def make_model(args, tok, device):
     return GPT(cfg).to(device)
 
 
-def load_rows(path, tok, task, max_len, overflow, need_ref):
-    examples = read_jsonl(path)
+def load_rows(path, tok, task, max_len, overflow, need_ref, pairs=False):
+    """Rows and the task; pairs: preference pairs, rows (x, chosen) with Row.rejected."""
+    examples = read_jsonl(path, pairs=pairs)
     if task == "auto":
         shapes = {e.shape for e in examples}
         task = "chat" if "messages" in shapes else "math" if "question" in shapes else "plain"
     try:
+        if pairs:
+            return encode_pairs(examples, tok, task, max_len, overflow), task
         return encode_rows(examples, tok, task, max_len, overflow, need_ref=need_ref), task
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
@@ -253,6 +273,40 @@ def rac_rows(model, rows, max_new_tokens, temperature, seed, eos_id) -> list[Tra
     return [TrainRow(r.prompt, zi, zb, c) for r, zi, zb, c in zip(rows, z, zbar, corrected)]
 
 
+class PairRow(NamedTuple):
+    """One DPO pair: prompt x, chosen and rejected response ids (each ending where its sample or
+    reference ended), and the reference model's sequence log-probs of both, computed when the
+    set was built, so no second model is resident while training."""
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    ref_chosen: float  # log π_ref(chosen | x)
+    ref_rejected: float  # log π_ref(rejected | x)
+
+
+@torch.no_grad()
+def pair_rows(model, rows, rejected, micro_batch) -> list[PairRow]:
+    """Pairs (x, y, rejected) with the current weights as the reference, micro_batch pairs per
+    forward (the training step's memory)."""
+    out = []
+    for k in range(0, len(rows), micro_batch):
+        chunk, rej = rows[k:k + micro_batch], rejected[k:k + micro_batch]
+        logp, _ = sequence_logps(model, [r.prompt for r in chunk] * 2,
+                                 [r.response for r in chunk] + rej, model.device)
+        n = len(chunk)
+        out += [PairRow(r.prompt, r.response, z, ref_y, ref_z) for r, z, ref_y, ref_z
+                in zip(chunk, rej, logp[:n].tolist(), logp[n:].tolist())]
+    return out
+
+
+def spin_rows(model, rows, max_new_tokens, temperature, seed, eos_id, micro_batch):
+    """SPIN (Chen et al. 2024): the current model answers every prompt, z ~ p_θ(·|x), and the
+    pair is (chosen y, rejected z) with the current model as the reference."""
+    z = generate(model, [r.prompt for r in rows], max_new_tokens, temperature=temperature,
+                 eos_id=eos_id, seed=seed)
+    return pair_rows(model, rows, z, micro_batch)
+
+
 def build_offline(model, rows, build, batch_size, seed, rank, world) -> list[TrainRow]:
     """Algorithms 1-2, line 8: the offline set with the current weights, one TrainRow per row.
     build(model, rows, seed) makes one decode batch. Whole batches are dealt to the ranks
@@ -275,6 +329,8 @@ def build_offline(model, rows, build, batch_size, seed, rank, world) -> list[Tra
 def offline_stats(offline: list[TrainRow]) -> dict:
     """What the offline set holds. BASH: the share of positions that took the model's token, and
     of those that differ from y. RAC: the share of sampled positions corrected (z̄ != z)."""
+    if isinstance(offline[0], PairRow):
+        return pair_stats(offline)
     n = sum(len(o.inputs) for o in offline)
     if offline[0].took is not None:
         took = sum(sum(o.took) for o in offline)
@@ -283,6 +339,15 @@ def offline_stats(offline: list[TrainRow]) -> dict:
     corrected = sum(sum(o.mask) for o in offline)
     return {"corrected_share": corrected / max(n, 1), "mean_z_len": n / len(offline),
             "rows_without_correction": sum(not any(o.mask) for o in offline)}
+
+
+def pair_stats(offline: list[PairRow]) -> dict:
+    """DPO / SPIN sets: the rejected responses' mean length, the pairs whose two responses are
+    equal (no gradient: SPIN's model already samples y), the reference's mean log-prob margin."""
+    n = len(offline)
+    return {"mean_rejected_len": sum(len(o.rejected) for o in offline) / n,
+            "identical_pairs": sum(o.chosen == o.rejected for o in offline),
+            "ref_logp_margin": sum(o.ref_chosen - o.ref_rejected for o in offline) / n}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +389,43 @@ def step_loss(model, sft, aux, denom, noise_alpha, device):
     return torch.stack(terms), sum(len(r.prompt) + len(r.inputs) - 1 for r in items)
 
 
+def sequence_logps(model, prompts, responses, device):
+    """log p(response | prompt) of each row: its response tokens' log-probs summed, from one
+    teacher-forced forward (collate's mask leaves out the prompt and the padding). Returns the
+    (n,) log-probs and the number of tokens read."""
+    x, y, mask = collate(prompts, responses, responses, pad_id=0)
+    x, y, mask = x.to(device), y.to(device), mask.to(device)
+    with autocast(device):
+        logits = model(x)
+    tokens = sum(len(p) + len(r) - 1 for p, r in zip(prompts, responses))
+    return -(token_nll(logits, y) * mask).sum(1), tokens
+
+
+def dpo_loss(policy, ref, beta):
+    """DPO (Rafailov et al. 2023; SPIN, Chen et al. 2024): per pair, with sequence log-probs
+    policy = log π_θ(y±|x), ref = log π_ref(y±|x), both (n, 2) as (chosen, rejected):
+        -log σ(λ[(log π_θ(y+|x) - log π_ref(y+|x)) - (log π_θ(y-|x) - log π_ref(y-|x))]).
+    Returns the (n,) losses and the rewards λ(log π_θ - log π_ref), (n, 2)."""
+    rewards = beta * (policy - ref)
+    return -F.logsigmoid(rewards[:, 0] - rewards[:, 1]), rewards
+
+
+def pair_loss(model, pairs, n_pairs, beta, device):
+    """DPO over a micro-batch of PairRows, chosen and rejected in one forward. The loss is a mean
+    over the pairs of the global batch: summed here and divided by n_pairs, its pair count.
+    Returns (the loss, [loss, reward accuracy, reward margin] as parts of their global-batch
+    means, the tokens read)."""
+    n = len(pairs)
+    logp, tokens = sequence_logps(model, [p.prompt for p in pairs] * 2,
+                                  [p.chosen for p in pairs] + [p.rejected for p in pairs], device)
+    ref = logp.new_tensor([[p.ref_chosen, p.ref_rejected] for p in pairs])
+    losses, rewards = dpo_loss(torch.stack([logp[:n], logp[n:]], dim=1), ref, beta)
+    margin = (rewards[:, 0] - rewards[:, 1]).detach()
+    loss = losses.sum() / n_pairs
+    logged = torch.stack([loss.detach(), (margin > 0).sum() / n_pairs, margin.sum() / n_pairs])
+    return loss, logged, tokens
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -355,15 +457,17 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
     return out
 
 
-def generate_answers(model, rows, tok, batch_size, max_new_tokens=None):
-    """Greedy answers to every row's prompt, as text."""
+def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperature=0.0, seed=0):
+    """Answers to every row's prompt, as text: greedy, or sampled at `temperature` (batch k seeded
+    by seed_for(seed, "answers", k))."""
     room = model.config.block_size - max(len(r.prompt) for r in rows)
     max_new = min(max_new_tokens or max(len(r.response) for r in rows) + 16, room)
     texts = []
     with packed_linears(model, batch_size):
         for k in range(0, len(rows), batch_size):
             chunk = rows[k:k + batch_size]
-            gen = generate(model, [r.prompt for r in chunk], max_new, eos_id=tok.eos_id)
+            gen = generate(model, [r.prompt for r in chunk], max_new, temperature,
+                           eos_id=tok.eos_id, seed=seed_for(seed, "answers", k // batch_size))
             texts += [tok.decode([t for t in g if t != tok.eos_id]) for g in gen]
     return texts
 
@@ -399,9 +503,9 @@ def find_checkpoint(out: Path):
                             "(looked for checkpoint/ and checkpoint.old/)")
 
 
-def resume(model, opt, out: Path) -> dict:
+def resume(model, opt, out: Path, record=TrainRow) -> dict:
     """Load the weights, the optimizer and every random state saved in out's checkpoint; return
-    the saved training state (step, iteration, offline set, its statistics)."""
+    the saved training state (step, iteration, offline set of `record`s, its statistics)."""
     ckpt = find_checkpoint(out)
     model.load_state_dict(from_pretrained(ckpt, device=model.device).state_dict())
     saved = torch.load(ckpt / "train_state.pt", weights_only=True)
@@ -409,7 +513,7 @@ def resume(model, opt, out: Path) -> dict:
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"]:
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    offline = saved["offline"] and [TrainRow(*o) for o in saved["offline"]]
+    offline = saved["offline"] and [record(*o) for o in saved["offline"]]
     return {"step": saved["step"], "iteration": saved["iteration"], "offline": offline,
             "stats": saved["stats"]}
 
@@ -440,6 +544,7 @@ class Run:
     k1: int  # steps of SFT alone (Algorithm lines 2-6)
     k2: int  # steps in each of the H iterations (lines 7-18)
     rac_max_new_tokens: int
+    spin_max_new_tokens: int
 
     @property
     def total(self):
@@ -454,11 +559,12 @@ def start(args) -> Run:
     raw = make_model(args, tok, device)
     max_len = args.max_len or raw.config.block_size
     rows, task = load_rows(args.data, tok, args.task, max_len, args.overflow,
-                           need_ref=args.method == "rac")  # only RAC reads f(x, y)
+                           need_ref=args.method == "rac",  # only RAC reads f(x, y)
+                           pairs=args.method == "dpo")
     eval_rows = load_rows(args.eval_data, tok, task, max_len, args.overflow,
                           False)[0] if args.eval_data else []
     room = max_len - max(len(r.prompt) for r in rows)
-    rac_max = args.rac_max_new_tokens or min(max(len(r.response) for r in rows) + 16, room)
+    cap = min(max(len(r.response) for r in rows) + 16, room)  # RAC's and SPIN's default cap on z
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes {world}")
@@ -474,14 +580,26 @@ def start(args) -> Run:
         out.mkdir(parents=True, exist_ok=True)
     return Run(args, rank, world, tok, task, rows, eval_rows, raw, model,
                make_optimizer(raw, args, device), out, round(args.sft_epochs * per_epoch),
-               round(args.iter_epochs * per_epoch), rac_max)
+               round(args.iter_epochs * per_epoch), args.rac_max_new_tokens or cap,
+               args.spin_max_new_tokens or cap)
 
 
 def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
-    """Algorithms 1-2, line 8: BASH's mixed responses or RAC's labels, with the current weights.
-    SFT and NEFTune have no offline set; SCS mixes online at each step instead."""
+    """Algorithms 1-2, line 8: BASH's mixed responses, RAC's labels or SPIN's pairs, with the
+    current weights. DPO's pairs and their reference log-probs are built once, at the first
+    iteration. SFT and NEFTune have no offline set; SCS mixes online at each step instead."""
     a, t0 = r.args, time.perf_counter()
-    if a.method == "bash":
+    if a.method == "dpo" and state["offline"] is not None:  # the reference stays the initial model
+        state.update(iteration=iteration)
+        return
+    if a.method == "dpo":
+        build = lambda m, rows, s: pair_rows(m, rows, [x.rejected for x in rows],  # noqa: E731
+                                             a.micro_batch_size)
+    elif a.method == "spin":
+        build = lambda m, rows, s: spin_rows(m, rows, r.spin_max_new_tokens,  # noqa: E731
+                                             a.spin_temperature, s, r.tok.eos_id,
+                                             a.micro_batch_size)
+    elif a.method == "bash":
         build = lambda m, rows, s: bash_rows(m, rows, a.beta, a.mix_temperature, s)  # noqa: E731
     elif a.method == "rac":
         build = lambda m, rows, s: rac_rows(m, rows, r.rac_max_new_tokens,  # noqa: E731
@@ -498,9 +616,32 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
                     "build_s": round(time.perf_counter() - t0, 3), **state["stats"]})
 
 
+def micro_batches(r: Run, idx: list[int], mine: list[int], offline, method: str):
+    """This rank's rows `mine` of the global batch idx, cut into micro-batches; the loss of one
+    micro-batch as (the loss to backpropagate, the terms to log, tokens read); the terms' names.
+    Each term is a part of a global-batch sum, so micro-batches and ranks add up to one batch."""
+    a, mb, device = r.args, r.args.micro_batch_size, r.raw.device
+    if method in PREFERENCE:
+        pairs = [offline[i] for i in mine]
+        return ([pairs[j:j + mb] for j in range(0, len(pairs), mb)],
+                lambda chunk: pair_loss(r.model, chunk, len(idx), a.dpo_beta, device),
+                ("loss", "reward_accuracy", "reward_margin"))
+    noise = a.neftune_alpha if a.method == "neftune" else 0.0
+    sft, aux = loss_rows(r.rows, mine, offline)
+    denom = sft_tokens(r.rows, idx)
+
+    def loss_of(chunk):
+        terms, tokens = step_loss(r.model, *chunk, denom, noise, device)
+        return terms.sum(), torch.cat([terms.sum()[None], terms]).detach(), tokens
+    n_micro = max(math.ceil(len(sft) / mb), math.ceil(len(aux) / mb))
+    return ([(sft[j * mb:(j + 1) * mb], aux[j * mb:(j + 1) * mb]) for j in range(n_micro)],
+            loss_of, ("loss", "sft_loss", "aux_loss"))
+
+
 def train_step(r: Run, step: int, idx: list[int], offline, method: str):
-    """One optimizer step over the global batch idx: J_SFT + the method's term, accumulated over
-    micro-batches and ranks exactly as one batch. Returns (the terms, tokens read, lr)."""
+    """One optimizer step over the global batch idx: J_SFT + the method's term (or DPO's loss),
+    accumulated over micro-batches and ranks exactly as one batch. Returns ({name: term}, tokens
+    read, lr)."""
     a, mine = r.args, idx[r.rank::r.world]
     if method == "scs":  # Eq. 3: the mixing redone with the current weights at every step
         r.raw.eval()  # sample as BASH does, without dropout
@@ -510,26 +651,21 @@ def train_step(r: Run, step: int, idx: list[int], offline, method: str):
     lr = lr_at(step, r.total, a)
     for group in r.opt.param_groups:
         group["lr"] = lr
-    noise = a.neftune_alpha if a.method == "neftune" else 0.0
-    sft, aux = loss_rows(r.rows, mine, offline)
-    denom = sft_tokens(r.rows, idx)
-    mb = a.micro_batch_size
-    n_micro = max(math.ceil(len(sft) / mb), math.ceil(len(aux) / mb))
-    sums = torch.zeros(3, device=r.raw.device)  # J_SFT, J_aux, tokens read
-    for j in range(n_micro):
-        with r.model.no_sync() if r.world > 1 and j < n_micro - 1 else nullcontext():
-            terms, tokens = step_loss(r.model, sft[j * mb:(j + 1) * mb], aux[j * mb:(j + 1) * mb],
-                                      denom, noise, r.raw.device)
+    chunks, loss_of, names = micro_batches(r, idx, mine, offline, method)
+    sums = torch.zeros(len(names) + 1, device=r.raw.device)  # the logged terms, tokens read
+    for j, chunk in enumerate(chunks):
+        with r.model.no_sync() if r.world > 1 and j < len(chunks) - 1 else nullcontext():
+            loss, logged, tokens = loss_of(chunk)
             # DDP averages gradients over ranks; our loss is a global-batch sum: undo the average
-            (terms.sum() * r.world).backward()
-        sums += torch.cat([terms.detach(), terms.new_tensor([tokens])])
+            (loss * r.world).backward()
+        sums += torch.cat([logged, logged.new_tensor([tokens])])
     if r.world > 1:
         dist.all_reduce(sums)
     if a.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(r.raw.parameters(), a.grad_clip)
     r.opt.step()
     r.opt.zero_grad(set_to_none=True)
-    return sums[:2], int(sums[2]), lr
+    return dict(zip(names, sums[:-1].tolist())), int(sums[-1]), lr
 
 
 def evaluate_run(r: Run, state: dict, tag: str) -> dict:
@@ -572,12 +708,11 @@ def train_phase(r: Run, state: dict, iteration: int, steps: range, bar, report: 
         state["step"] = done = step + 1
         dt = time.perf_counter() - t0
         report["train_s"] += dt
-        loss = terms.sum().item()
+        loss = terms["loss"]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
         if r.rank == 0:
-            log(r.out, {"step": done, "phase": method, "loss": loss, "sft_loss": terms[0].item(),
-                        "aux_loss": terms[1].item(), "lr": lr, "tok_per_s": tokens / dt})
+            log(r.out, {"step": done, "phase": method, **terms, "lr": lr, "tok_per_s": tokens / dt})
         end = done == steps.stop
         if end or (a.eval_every and done % a.eval_every == 0):
             report["eval"] = evaluate_run(r, state, f"{method}@{done}")
@@ -593,7 +728,7 @@ def run(args):
     r = start(args)
     state = {"step": 0, "iteration": -1, "offline": None, "stats": {}}
     if args.resume:
-        state = resume(r.raw, r.opt, r.out)
+        state = resume(r.raw, r.opt, r.out, PairRow if args.method in PREFERENCE else TrainRow)
     report = {"build_s": 0.0, "train_s": 0.0, "eval": {}}
     bar = tqdm(total=r.total, initial=state["step"], desc=args.method, disable=r.rank != 0)
 
