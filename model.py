@@ -268,12 +268,13 @@ def checked_config(fields: dict, where: str, names: dict | None = None) -> GPTCo
     return GPTConfig(**fields)
 
 
-def inside(folder: Path, name: str) -> Path:
+def inside(folder: Path, name: str, named_in: Path | None = None) -> Path:
     """folder/name, refused unless it lies in folder itself: a relative name without '..' and no
-    symbolic link on the way, so a checkpoint cannot make us read (or copy out) files elsewhere."""
+    symbolic link on the way, so a checkpoint cannot make us read (or copy out) files elsewhere.
+    named_in: the file that gave the name, for the message."""
     rel = Path(name)
     if not rel.parts or rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(f"{folder}: {name!r} points outside the checkpoint folder "
+        raise ValueError(f"{named_in or folder}: {name!r} points outside the checkpoint folder "
                          "(a checkpoint's files must lie in its folder)")
     path = folder
     for part in rel.parts:
@@ -442,7 +443,7 @@ def _weight_files(path: Path) -> tuple[dict[str, Path], Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index}: needs a 'weight_map' object from tensor names to file names")
-        return {k: inside(path, shard) for k, shard in weight_map.items()}, index
+        return {k: inside(path, shard, index) for k, shard in weight_map.items()}, index
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 

@@ -530,12 +530,8 @@ def prepare_out(out: Path, args, settings):
     --resume (settings checked) or --overwrite (the old run set aside until the new one writes)."""
     shutil.rmtree(out / "checkpoint.tmp", ignore_errors=True)  # a save cut short: never valid
     shutil.rmtree(out / ".replaced.del", ignore_errors=True)
-    replaced = out / ".replaced"
-    if replaced.exists():  # an --overwrite run that never wrote: the old run is still the run
-        for entry in replaced.iterdir():
-            entry.rename(out / entry.name)
-        replaced.rmdir()
-    held = [n for n in RUN_ENTRIES if (out / n).exists()]
+    restore_replaced(out)
+    replaced, held = out / ".replaced", [n for n in RUN_ENTRIES if (out / n).exists()]
     if args.resume:
         if not held:
             raise ValueError(f"--out {out}: holds no run to --resume (no checkpoint or log.jsonl)")
@@ -576,6 +572,15 @@ def check_resume(out: Path, args, settings):
         os.truncate(out / "log.jsonl", info["log_bytes"])
 
 
+def restore_replaced(out: Path):
+    """An --overwrite run that ended (or was killed) before it wrote: the old run is still the
+    run, put it back."""
+    if (out / ".replaced").exists():
+        for entry in (out / ".replaced").iterdir():
+            entry.rename(out / entry.name)
+        (out / ".replaced").rmdir()
+
+
 def forget_replaced(out: Path):
     """--overwrite: the old run is removed when the new one first writes (renamed first, so a
     kill mid-removal never leaves half an old run to be restored)."""
@@ -586,6 +591,7 @@ def forget_replaced(out: Path):
 
 def release_out(out: Path, fd, made: Path | None):
     """Drop the lock; remove the folders claim_out created if the run left nothing in them."""
+    restore_replaced(out)
     if fd is not None:
         (out / ".lock").unlink(missing_ok=True)
         os.close(fd)
