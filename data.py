@@ -245,7 +245,8 @@ def read_jsonl(path) -> list[Example]:
             first = examples[0]
             if examples[-1].shape != first.shape:  # one template per file: never switch silently
                 raise DataError(f"{where}: a {{{examples[-1].shape}, ...}} row, but line "
-                                f"{first.line} is a {{{first.shape}, ...}} row (one shape per file)")
+                                f"{first.line} is a {{{first.shape}, ...}} row "
+                                "(one shape per file)")
     if not examples:
         raise DataError(f"{path}: no examples (file is empty)")
     return examples

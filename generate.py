@@ -285,8 +285,10 @@ def main(argv=None):
                    help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=ranged(float, above=0, hi=1), default=None,
                    help="sample among the smallest set of mass >= p, in (0, 1]")
-    p.add_argument("--seed", type=non_negative_int, default=None, help="seed for reproducible samples")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=non_negative_int, default=None,
+                   help="seed for reproducible samples")
+    p.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
         sample_command(args)

@@ -258,7 +258,9 @@ def checked_config(fields: dict, where: str, names: dict | None = None) -> GPTCo
             raise ValueError(f"{where}: {names.get(key, key)} is {value!r}, expected {what}")
     f = {**dict.fromkeys(("n_kv_head", "head_dim"), None), **fields}
     n_kv = f["n_kv_head"] or f["n_head"]
-    problems = [f"n_head {f['n_head']} is not a multiple of n_kv_head {n_kv}"] * (f["n_head"] % n_kv > 0)
+    problems = []
+    if f["n_head"] % n_kv:
+        problems.append(f"n_head {f['n_head']} is not a multiple of n_kv_head {n_kv}")
     if f["head_dim"] is None and f["n_embd"] % f["n_head"]:
         problems.append(f"n_embd {f['n_embd']} is not a multiple of n_head {f['n_head']}")
     if f["arch"] == "llama" and (f["head_dim"] or f["n_embd"] // f["n_head"]) % 2:
@@ -301,7 +303,8 @@ def read_json(path: Path) -> dict:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} "
+                         f"column {e.colno})") from None
     except ValueError as e:  # from unique_keys
         raise ValueError(f"{path}: {e}") from None
     if not isinstance(obj, dict):
@@ -340,7 +343,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{where}: activation_function {act!r} is not supported (GPT-2 uses 'gelu_new')")
         return checked_config(dict(
-            arch="gpt2", vocab_size=need("vocab_size"), block_size=need("n_positions", "block_size"),
+            arch="gpt2", vocab_size=need("vocab_size"),
+            block_size=need("n_positions", "block_size"),
             n_layer=need("n_layer"), n_head=need("n_head"), n_embd=need("n_embd"),
             n_inner=need("n_inner", default=None),
             norm_eps=need("layer_norm_epsilon", "norm_eps", 1e-5), bias=True,
@@ -363,10 +367,12 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
             block, names["block_size"] = window, "sliding_window"
         return checked_config(dict(
             arch="llama", vocab_size=need("vocab_size"), block_size=block,
-            n_layer=need("num_hidden_layers", "n_layer"), n_head=need("num_attention_heads", "n_head"),
+            n_layer=need("num_hidden_layers", "n_layer"),
+            n_head=need("num_attention_heads", "n_head"),
             n_kv_head=need("num_key_value_heads", "n_kv_head", None),
             n_embd=need("hidden_size", "n_embd"), head_dim=need("head_dim", default=None),
-            n_inner=need("intermediate_size", "n_inner"), norm_eps=need("rms_norm_eps", "norm_eps", 1e-6),
+            n_inner=need("intermediate_size", "n_inner"),
+            norm_eps=need("rms_norm_eps", "norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", need("rope_theta", default=10000.0)), bias=False,
             tie_embeddings=need("tie_word_embeddings", "tie_embeddings", False)), where, names)
     raise ValueError(f"{where}: model_type {kind!r} is not supported (gpt2, llama, mistral)")
@@ -441,8 +447,10 @@ def _weight_files(path: Path) -> tuple[dict[str, Path], Path]:
             return {k: single for k in f.keys()}, single
     if index.exists():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index}: needs a 'weight_map' object from tensor names to file names")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                       for v in weight_map.values()):
+            raise ValueError(f"{index}: needs a 'weight_map' object from tensor names to "
+                             "file names")
         return {k: inside(path, shard, index) for k, shard in weight_map.items()}, index
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 

@@ -127,7 +127,8 @@ def get_args(argv=None):
     g.add_argument("--save-every", type=non_negative_int, default=0,
                    help="checkpoint every N steps (0: at the end of each phase)")
     g.add_argument("--resume", action="store_true",
-                   help="continue exactly from <out>/checkpoint, with the settings it was saved with")
+                   help="continue exactly from <out>/checkpoint, under the settings it was "
+                        "saved with")
     g.add_argument("--resume-with-new-settings", action="store_true",
                    help="--resume even where this command's settings differ from the saved ones")
     g.add_argument("--overwrite", action="store_true",
