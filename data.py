@@ -20,6 +20,8 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parent 
 import tiktoken  # noqa: E402  (must come after the cache dir is set)
 import torch  # noqa: E402
 
+from model import inside, read_json, unique_keys  # noqa: E402
+
 # -----------------------------------------------------------------------------
 # Tokenizers: everything is a tiktoken.Encoding underneath.
 
@@ -107,10 +109,20 @@ def _tokenizer_from_json(folder: Path) -> Tokenizer:
     merge order, which holds for vocabularies trained by BPE (GPT-2, SmolLM2);
     test_tokenizer_json_matches_hf checks it against the tokenizers library.
     """
-    path = folder / "tokenizer.json"
-    tj = json.loads(path.read_text(encoding="utf-8"))
-    if tj["model"]["type"] != "BPE" or tj.get("normalizer") is not None:
+    path = inside(folder, "tokenizer.json")
+    tj = read_json(path)
+    model = tj.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
+        raise ValueError(f"{path}: needs a 'model' object with a 'vocab' (a tokenizer.json)")
+    if model.get("type") != "BPE" or tj.get("normalizer") is not None:
         raise ValueError(f"{path}: only byte-level BPE without a normalizer is supported")
+    try:
+        return _encoding(tj, folder, path)
+    except (KeyError, TypeError, AttributeError) as e:  # a field of the wrong shape
+        raise ValueError(f"{path}: malformed tokenizer ({type(e).__name__}: {e})") from None
+
+
+def _encoding(tj: dict, folder: Path, path: Path) -> Tokenizer:
     specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     special_ids = set(specials.values())
@@ -121,12 +133,12 @@ def _tokenizer_from_json(folder: Path) -> Tokenizer:
     enc = tiktoken.Encoding(name="tokenizer.json", pat_str=_pattern(tj.get("pre_tokenizer"), path),
                             mergeable_ranks=ranks, special_tokens=specials)
 
-    cfg_path = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    cfg_path = inside(folder, "tokenizer_config.json")
+    cfg = read_json(cfg_path) if cfg_path.exists() else {}
     eos = cfg.get("eos_token") or "<|endoftext|>"
     eos = eos["content"] if isinstance(eos, dict) else eos
     # Newer transformers save the chat template beside the config.
-    jinja = folder / "chat_template.jinja"
+    jinja = inside(folder, "chat_template.jinja")
     template = jinja.read_text(encoding="utf-8") if jinja.exists() else str(cfg.get("chat_template") or "")
     chat = "chatml" if "<|im_start|>" in template else "zephyr" if template else None
     if eos not in specials:
@@ -136,19 +148,26 @@ def _tokenizer_from_json(folder: Path) -> Tokenizer:
 
 def load_tokenizer(ckpt_dir) -> Tokenizer:
     folder = Path(ckpt_dir)
-    cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    cfg_path = inside(folder, "config.json")
+    cfg = read_json(cfg_path) if cfg_path.exists() else {}
     if "tiktoken" in cfg:  # our own checkpoints
         makers = {"bytes": byte_tokenizer, "r50k_base": gpt2_tokenizer}
         if cfg["tiktoken"] not in makers:
             raise ValueError(f"{cfg_path}: unknown tiktoken {cfg['tiktoken']!r}, expected one of {list(makers)}")
         return makers[cfg["tiktoken"]]()
-    if (folder / "tokenizer.json").exists():
+    if inside(folder, "tokenizer.json").exists():
         return _tokenizer_from_json(folder)
     if cfg.get("model_type") == "gpt2":
         return gpt2_tokenizer()
     raise ValueError(f"{folder}: no tokenizer found: need config.json with 'tiktoken', "
                      f"a tokenizer.json, or config.json with model_type 'gpt2'")
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int, where):
+    """A token id past the model's embedding would fail mid-run (or decode garbage): refuse it."""
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                         f"embedding only {vocab_size} (use the tokenizer the model was made with)")
 
 # -----------------------------------------------------------------------------
 # Data sets: JSONL files of examples.
@@ -230,6 +249,8 @@ def read_jsonl(path, pairs: bool = False) -> list[Example]:
     """One Example per non-blank line; pairs: preference pairs (see _pair)."""
     path = Path(path)
     examples = []
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory (give a JSONL file)")
     with open(path, "rb") as f:  # binary, so a bad byte is reported with its line
         for line, raw in enumerate(f, 1):
             where = f"{path}:{line}"
@@ -240,10 +261,17 @@ def read_jsonl(path, pairs: bool = False) -> list[Example]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except ValueError as e:  # unique_keys: a key given twice
+                raise DataError(f"{where}: {e}") from None
             examples.append((_pair if pairs else _example)(obj, where, line))
+            first = examples[0]
+            if examples[-1].shape != first.shape:  # one template per file: never switch silently
+                raise DataError(f"{where}: a {{{examples[-1].shape}, ...}} row, but line "
+                                f"{first.line} is a {{{first.shape}, ...}} row "
+                                "(one shape per file)")
     if not examples:
         raise DataError(f"{path}: no examples (file is empty)")
     return examples

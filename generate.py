@@ -10,10 +10,13 @@ rac_labels(): Reference-Answer-based Correction's labels (Eq. 6): sample z, then
 import argparse
 import codecs
 import contextlib
+import errno
+import math
 import sys
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from model import GPT, KVCache
 
@@ -211,35 +214,107 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
 
 
 # ----------------------------------------------------------------------------------------------
+# Checking the command line: flag types (also train.py's) and the one-line error of main()
+
+
+def ranged(kind, lo=None, hi=None, above=None):
+    """An argparse type: kind(text), finite, >= lo (or > above) and <= hi. argparse reports a
+    bad value as 'argument --flag: expected <the range>, got <value>'."""
+    bounds = [f"{op} {v:g}" for op, v in ((">=", lo), (">", above), ("<=", hi)) if v is not None]
+    what = f"{'an integer' if kind is int else 'a number'} {' and '.join(bounds)}"
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and (lo is None or x >= lo) and (above is None or x > above)
+                and (hi is None or x <= hi)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return x
+    return parse
+
+
+positive_int, non_negative_int = ranged(int, lo=1), ranged(int, lo=0)
+positive_float, non_negative_float = ranged(float, above=0), ranged(float, lo=0)
+fraction = ranged(float, lo=0, hi=1)
+
+
+def device_name(text):
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine (use cpu)")
+    return text
+
+
+# What bad input, a bad checkpoint or a full or read-only disk raise: reported as one line
+EXPECTED = (ValueError, OSError, KeyError, SafetensorError)
+OS_HINTS = {errno.ENOSPC: "free some space", errno.EROFS: "choose a writable place",
+            errno.EACCES: "check its permissions", errno.ENOENT: "check the path",
+            errno.EISDIR: "give a file, not a directory"}
+
+
+def error_line(e: BaseException) -> str:
+    """'error: <file or flag>: <what> (<what to do>)', on one line, for an EXPECTED failure."""
+    if isinstance(e, OSError) and e.filename:
+        hint = OS_HINTS.get(e.errno)
+        what = f"{e.filename}: {e.strerror}" + (f" ({hint})" if hint else "")
+    else:
+        what = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    return "error: " + " ".join(what.split())
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
 def main(argv=None):
-    from data import load_tokenizer, render_chat
-    from model import from_pretrained
-
     p = argparse.ArgumentParser(description="Sample from a checkpoint (Hugging Face layout: config.json + "
                                             "model.safetensors, as train.py writes or transformers saves).")
     p.add_argument("--init", required=True, help="checkpoint directory")
     p.add_argument("--prompt", default="", help="prompt text (empty: start from the end-of-text token)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
-    p.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch; one sample is streamed")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample among the smallest set of mass >= p")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-samples", type=positive_int, default=1,
+                   help="samples drawn as one batch; one sample is streamed")
+    p.add_argument("--max-new-tokens", type=positive_int, default=100)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=ranged(float, above=0, hi=1), default=None,
+                   help="sample among the smallest set of mass >= p, in (0, 1]")
+    p.add_argument("--seed", type=non_negative_int, default=None,
+                   help="seed for reproducible samples")
+    p.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        tok = load_tokenizer(args.init)
-        model = from_pretrained(args.init, device=args.device).eval()
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
+        sample_command(args)
+    except EXPECTED as e:
+        sys.exit(error_line(e))
+
+
+def sample_command(args):
+    from data import check_vocab, load_tokenizer, render_chat
+    from model import from_pretrained
+
+    tok = load_tokenizer(args.init)
+    model = from_pretrained(args.init, device=args.device).eval()
+    check_vocab(tok, model.config.vocab_size, args.init)
     if args.chat:
         ids = render_chat([{"role": "user", "content": args.prompt}], tok)
     else:
         ids = tok.encode(args.prompt) or [tok.eos_id]
+    room = model.config.block_size - len(ids)
+    if room < 1:
+        raise ValueError(f"--prompt: {len(ids)} tokens fill the model's context of "
+                         f"{model.config.block_size} (shorten it)")
+    if args.max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt's {len(ids)} tokens "
+                         f"leave room for {room} in the model's context of "
+                         f"{model.config.block_size} (ask for at most {room})")
     prompts = [ids] * args.num_samples
     if args.num_samples > 1:
         rows = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

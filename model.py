@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
@@ -231,13 +231,116 @@ def masked_nll(logits, targets, mask, denom=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Checking what a checkpoint says before trusting it: sizes, file names, JSON
+
+REQUIRED = object()
+# Sane bounds on every size, checked before anything is allocated: (type, lowest, highest)
+LIMITS = {"vocab_size": (int, 1, 1 << 20), "block_size": (int, 1, 1 << 18),
+          "n_layer": (int, 1, 1024), "n_head": (int, 1, 1024), "n_kv_head": (int, 1, 1024),
+          "n_embd": (int, 1, 1 << 16), "head_dim": (int, 2, 4096), "n_inner": (int, 1, 1 << 18),
+          "norm_eps": (float, 0.0, 1.0), "rope_theta": (float, 1.0, 1e12),
+          "dropout": (float, 0.0, 1.0), "bias": (bool, None, None),
+          "tie_embeddings": (bool, None, None)}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def checked_config(fields: dict, where: str, names: dict | None = None) -> GPTConfig:
+    """GPTConfig(**fields) once every field has its type and range and the sizes fit together;
+    otherwise ValueError naming `where` and the field (`names` maps a field to what the user
+    wrote, e.g. a config.json key or a flag)."""
+    names = names or {}
+    for key, value in fields.items():
+        if key not in LIMITS or value is None:
+            continue
+        kind, lo, hi = LIMITS[key]
+        ok = isinstance(value, bool) if kind is bool else (
+            _is_int(value) or kind is float and isinstance(value, float)) and lo <= value <= hi
+        if not ok:
+            what = "true or false" if kind is bool else (
+                f"{'an integer' if kind is int else 'a number'} in [{lo:g}, {hi:g}]")
+            raise ValueError(f"{where}: {names.get(key, key)} is {value!r}, expected {what}")
+    f = {**dict.fromkeys(("n_kv_head", "head_dim"), None), **fields}
+    n_kv = f["n_kv_head"] or f["n_head"]
+    problems = []
+    if f["n_head"] % n_kv:
+        problems.append(f"n_head {f['n_head']} is not a multiple of n_kv_head {n_kv}")
+    if f["head_dim"] is None and f["n_embd"] % f["n_head"]:
+        problems.append(f"n_embd {f['n_embd']} is not a multiple of n_head {f['n_head']}")
+    if f["arch"] == "llama" and (f["head_dim"] or f["n_embd"] // f["n_head"]) % 2:
+        problems.append("rotary positions need an even head size")
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)}")
+    return GPTConfig(**fields)
+
+
+def inside(folder: Path, name: str, named_in: Path | None = None) -> Path:
+    """folder/name, refused unless it lies in folder itself: a relative name without '..' and no
+    symbolic link on the way, so a checkpoint cannot make us read (or copy out) files elsewhere.
+    named_in: the file that gave the name, for the message."""
+    rel = Path(name)
+    if not rel.parts or rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{named_in or folder}: {name!r} points outside the checkpoint folder "
+                         "(a checkpoint's files must lie in its folder)")
+    path = folder
+    for part in rel.parts:
+        path = path / part
+        if path.is_symlink():
+            raise ValueError(f"{path}: is a symbolic link (copy the real file into {folder})")
+    return path
+
+
+def unique_keys(pairs):
+    """json object_pairs_hook: a key given twice is an error, not 'the last one wins'."""
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"duplicate key {k!r}")
+        seen[k] = v
+    return seen
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file holding an object, or ValueError naming it."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} "
+                         f"column {e.colno})") from None
+    except ValueError as e:  # from unique_keys
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def open_safetensors(path: Path):
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
 # Hugging Face layout: config.json + model.safetensors (or shards listed in an index)
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
-    def need(key):
-        if key not in hf:
-            raise ValueError(f"{where}: missing field {key!r}")
+    """Our GPTConfig from a Hugging Face config.json, every size checked before any allocation."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+    names = {}  # our field -> the config.json key it came from, for error messages
+
+    def need(key, ours=None, default=REQUIRED):
+        if hf.get(key) is None:
+            if default is REQUIRED:
+                raise ValueError(f"{where}: missing field {key!r}")
+            return default
+        names[ours or key] = key
         return hf[key]
 
     kind = hf.get("model_type")
@@ -245,29 +348,39 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{where}: activation_function {act!r} is not supported (GPT-2 uses 'gelu_new')")
-        return GPTConfig(arch="gpt2", vocab_size=need("vocab_size"), block_size=need("n_positions"),
-                         n_layer=need("n_layer"), n_head=need("n_head"), n_embd=need("n_embd"),
-                         n_inner=hf.get("n_inner"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                         bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+        return checked_config(dict(
+            arch="gpt2", vocab_size=need("vocab_size"),
+            block_size=need("n_positions", "block_size"),
+            n_layer=need("n_layer"), n_head=need("n_head"), n_embd=need("n_embd"),
+            n_inner=need("n_inner", default=None),
+            norm_eps=need("layer_norm_epsilon", "norm_eps", 1e-5), bias=True,
+            tie_embeddings=need("tie_word_embeddings", "tie_embeddings", True)), where, names)
     if kind in ("llama", "mistral"):
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
-        rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling")
+        rope = need("rope_parameters", default={})
+        scaling = need("rope_scaling", default={})
+        if not isinstance(rope, dict) or not isinstance(scaling, dict):
+            raise ValueError(f"{where}: rope_parameters and rope_scaling must be JSON objects")
         if rope.get("rope_type", "default") != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
             raise ValueError(f"{where}: rope scaling {rope or scaling} is not supported, only plain rotary positions")
         if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
             raise ValueError(f"{where}: attention_bias/mlp_bias are not supported for llama-type models")
-        block = need("max_position_embeddings")
-        if hf.get("sliding_window"):  # our attention is full, which equals sliding-window attention up to the window
-            block = min(block, hf["sliding_window"])
-        return GPTConfig(arch="llama", vocab_size=need("vocab_size"), block_size=block,
-                         n_layer=need("num_hidden_layers"), n_head=need("num_attention_heads"),
-                         n_kv_head=hf.get("num_key_value_heads"), n_embd=need("hidden_size"),
-                         head_dim=hf.get("head_dim"), n_inner=need("intermediate_size"),
-                         norm_eps=hf.get("rms_norm_eps", 1e-6),
-                         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-                         bias=False, tie_embeddings=hf.get("tie_word_embeddings", False))
+        block = need("max_position_embeddings", "block_size")
+        window = need("sliding_window", default=None)
+        # our attention is full, which equals sliding-window attention up to the window
+        if _is_int(block) and _is_int(window) and window < block:
+            block, names["block_size"] = window, "sliding_window"
+        return checked_config(dict(
+            arch="llama", vocab_size=need("vocab_size"), block_size=block,
+            n_layer=need("num_hidden_layers", "n_layer"),
+            n_head=need("num_attention_heads", "n_head"),
+            n_kv_head=need("num_key_value_heads", "n_kv_head", None),
+            n_embd=need("hidden_size", "n_embd"), head_dim=need("head_dim", default=None),
+            n_inner=need("intermediate_size", "n_inner"),
+            norm_eps=need("rms_norm_eps", "norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", need("rope_theta", default=10000.0)), bias=False,
+            tie_embeddings=need("tie_word_embeddings", "tie_embeddings", False)), where, names)
     raise ValueError(f"{where}: model_type {kind!r} is not supported (gpt2, llama, mistral)")
 
 
@@ -334,13 +447,17 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 def _weight_files(path: Path) -> tuple[dict[str, Path], Path]:
     """Map every stored tensor name to the safetensors file that holds it; also name the source."""
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    single, index = inside(path, "model.safetensors"), inside(path, "model.safetensors.index.json")
     if single.exists():
-        with safe_open(single, "pt") as f:
+        with open_safetensors(single) as f:
             return {k: single for k in f.keys()}, single
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: path / shard for k, shard in weight_map.items()}, index
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                       for v in weight_map.values()):
+            raise ValueError(f"{index}: needs a 'weight_map' object from tensor names to "
+                             "file names")
+        return {k: inside(path, shard, index) for k, shard in weight_map.items()}, index
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -355,8 +472,11 @@ def load_hf_state(cfg: GPTConfig, path: Path, dtype=torch.float32) -> dict[str, 
     def read(name):
         file, stored = files[name]
         if file not in handles:
-            handles[file] = safe_open(file, "pt")
-        return handles[file].get_tensor(stored)
+            handles[file] = open_safetensors(file)
+        try:
+            return handles[file].get_tensor(stored)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: cannot read {stored!r} ({e})") from None
 
     for ours, parts, transposed in hf_layout(cfg):
         tensors = []
@@ -379,10 +499,10 @@ def load_hf_state(cfg: GPTConfig, path: Path, dtype=torch.float32) -> dict[str, 
 def from_pretrained(path, dtype=torch.float32, device="cpu") -> "GPT":
     """Load a checkpoint directory in the Hugging Face layout (config.json + safetensors)."""
     path = Path(path)
-    cfg_file = path / "config.json"
+    cfg_file = inside(path, "config.json")
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()), str(cfg_file))
+    cfg = config_from_hf(read_json(cfg_file), str(cfg_file))
     with torch.device("meta"):
         model = GPT(cfg)
     state = load_hf_state(cfg, path, dtype)

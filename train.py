@@ -10,10 +10,12 @@ model; K2 steps on J_SFT + J_BASH (or J_SFT + J_RAC)}, under one cosine learning
 The built-in study (SFT vs BASH vs RAC on a task that needs no download) is scripts/study.py.
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -27,10 +29,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (TASKS, DataError, byte_tokenizer, collate, encode_pairs, encode_rows,
-                  extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
-from generate import autocast, bash_mix, generate, packed_linears, rac_labels
-from model import GPT, GPTConfig, from_pretrained, masked_nll, save_pretrained, token_nll
+from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
+                  encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
+from generate import (EXPECTED, autocast, bash_mix, device_name, error_line, fraction, generate,
+                      non_negative_float, non_negative_int, packed_linears, positive_float,
+                      positive_int, rac_labels)
+from model import (GPT, checked_config, config_to_hf, from_pretrained, inside, masked_nll,
+                   read_json, save_pretrained, token_nll)
 
 METHODS = ("sft", "bash", "rac", "scs", "neftune", "dpo", "spin")
 PREFERENCE = ("dpo", "spin")  # trained on pairs with the DPO loss
@@ -57,7 +62,7 @@ def get_args(argv=None):
                    help="prompt templates: auto = chat for {messages}, math for {question,answer}, "
                         "plain otherwise")
     g.add_argument("--out", default=None, help="output directory (default out/<method>)")
-    g.add_argument("--max-len", type=int, default=None,
+    g.add_argument("--max-len", type=positive_int, default=None,
                    help="longest row in tokens (default: the model's block size)")
     g.add_argument("--overflow", default="truncate", choices=("truncate", "fail"),
                    help="a row longer than --max-len: cut its response (counted and reported), "
@@ -66,11 +71,12 @@ def get_args(argv=None):
                    help="tokenizer for --init scratch")
     g.add_argument("--arch", default="llama", choices=("gpt2", "llama"),
                    help="family for --init scratch")
-    g.add_argument("--n-layer", type=int, default=4, help="--init scratch: layers")
-    g.add_argument("--n-head", type=int, default=4, help="--init scratch: attention heads")
-    g.add_argument("--n-embd", type=int, default=128, help="--init scratch: width")
-    g.add_argument("--block-size", type=int, default=256, help="--init scratch: longest sequence")
-    g.add_argument("--dropout", type=float, default=0.0, help="--init scratch: dropout")
+    g.add_argument("--n-layer", type=positive_int, default=4, help="--init scratch: layers")
+    g.add_argument("--n-head", type=positive_int, default=4, help="--init scratch: attention heads")
+    g.add_argument("--n-embd", type=positive_int, default=128, help="--init scratch: width")
+    g.add_argument("--block-size", type=positive_int, default=256,
+                   help="--init scratch: longest sequence")
+    g.add_argument("--dropout", type=fraction, default=0.0, help="--init scratch: dropout")
 
     g = p.add_argument_group("method (Algorithms 1 and 2)")
     g.add_argument("--method", default="sft", choices=METHODS,
@@ -80,61 +86,68 @@ def get_args(argv=None):
                         "--data pairs, reference = the model at the start; spin: every "
                         "iteration pairs (y, z ~ the current model), reference = the current "
                         "model, then the DPO loss")
-    g.add_argument("--sft-epochs", type=float, default=0.0,
+    g.add_argument("--sft-epochs", type=non_negative_float, default=0.0,
                    help="K1: epochs of SFT alone before the first iteration (must be 0 for "
                         "dpo)")
-    g.add_argument("--iterations", type=int, default=1,
+    g.add_argument("--iterations", type=positive_int, default=1,
                    help="H: iterations of {build offline set; train}")
-    g.add_argument("--iter-epochs", type=float, default=1.0,
+    g.add_argument("--iter-epochs", type=positive_float, default=1.0,
                    help="K2: epochs of training in each iteration")
-    g.add_argument("--beta", type=float, default=0.2,
+    g.add_argument("--beta", type=fraction, default=0.2,
                    help="BASH/SCS: probability of keeping the model's token (Eq. 4)")
-    g.add_argument("--mix-temperature", type=float, default=1.0,
+    g.add_argument("--mix-temperature", type=non_negative_float, default=1.0,
                    help="BASH/SCS: temperature of the sampled z^j")
-    g.add_argument("--rac-temperature", type=float, default=1.0,
+    g.add_argument("--rac-temperature", type=non_negative_float, default=1.0,
                    help="RAC: temperature of the sampled responses z")
-    g.add_argument("--rac-max-new-tokens", type=int, default=None,
+    g.add_argument("--rac-max-new-tokens", type=positive_int, default=None,
                    help="RAC: cap on z (default: longest reference + 16)")
-    g.add_argument("--neftune-alpha", type=float, default=5.0, help="NEFTune noise scale alpha")
-    g.add_argument("--dpo-beta", type=float, default=0.1,
+    g.add_argument("--neftune-alpha", type=non_negative_float, default=5.0,
+                   help="NEFTune noise scale alpha")
+    g.add_argument("--dpo-beta", type=positive_float, default=0.1,
                    help="DPO/SPIN: lambda, the scale of the log-ratio rewards")
-    g.add_argument("--spin-temperature", type=float, default=1.0,
+    g.add_argument("--spin-temperature", type=non_negative_float, default=1.0,
                    help="SPIN: temperature of the sampled rejected responses z")
-    g.add_argument("--spin-max-new-tokens", type=int, default=None,
+    g.add_argument("--spin-max-new-tokens", type=positive_int, default=None,
                    help="SPIN: cap on z (default: longest reference + 16)")
-    g.add_argument("--build-batch-size", type=int, default=256,
+    g.add_argument("--build-batch-size", type=positive_int, default=256,
                    help="rows per decode batch when building offline sets")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=64,
+    g.add_argument("--batch-size", type=positive_int, default=64,
                    help="global batch in rows per optimizer step (paper: 512)")
-    g.add_argument("--micro-batch-size", type=int, default=64,
+    g.add_argument("--micro-batch-size", type=positive_int, default=64,
                    help="rows per forward/backward on each process")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate; default 2e-3 for --init scratch, 1e-5 for a "
                         "pretrained checkpoint (paper: 3e-6 for Pythia-1B, 5e-6 for Mistral-7B)")
-    g.add_argument("--min-lr", type=float, default=None,
+    g.add_argument("--min-lr", type=non_negative_float, default=None,
                    help="end of the cosine schedule (default lr / 10)")
-    g.add_argument("--warmup", type=float, default=0.1,
+    g.add_argument("--warmup", type=fraction, default=0.1,
                    help="fraction of the steps with linear warm-up")
-    g.add_argument("--weight-decay", type=float, default=0.1,
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.1,
                    help="AdamW decay on matrices (not biases, norms)")
-    g.add_argument("--grad-clip", type=float, default=1.0,
+    g.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                    help="clip the global gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
 
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=0,
+    g.add_argument("--eval-every", type=non_negative_int, default=0,
                    help="evaluate every N steps (0: at the end of each phase)")
-    g.add_argument("--eval-max-new-tokens", type=int, default=None,
+    g.add_argument("--eval-max-new-tokens", type=positive_int, default=None,
                    help="default: longest reference + 16")
-    g.add_argument("--save-every", type=int, default=0,
+    g.add_argument("--save-every", type=non_negative_int, default=0,
                    help="checkpoint every N steps (0: at the end of each phase)")
     g.add_argument("--resume", action="store_true",
-                   help="continue exactly from <out>/checkpoint")
-    g.add_argument("--stop-after", type=int, default=0,
+                   help="continue exactly from <out>/checkpoint, under the settings it was "
+                        "saved with")
+    g.add_argument("--resume-with-new-settings", action="store_true",
+                   help="--resume even where this command's settings differ from the saved ones")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (removed once the new run first writes)")
+    g.add_argument("--stop-after", type=non_negative_int, default=0,
                    help="save and stop after N optimizer steps (resume later)")
     args = p.parse_args(argv)
     if args.method == "dpo" and args.sft_epochs:
@@ -142,6 +155,15 @@ def get_args(argv=None):
                 "(train SFT first, then --init from its checkpoint)")
     if args.lr is None:
         args.lr = 2e-3 if args.init == "scratch" else 1e-5
+    if args.micro_batch_size > args.batch_size:
+        p.error(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size "
+                f"{args.batch_size} (at most the batch)")
+    if args.min_lr is not None and args.min_lr > args.lr:
+        p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g} (the schedule decays)")
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other (continue the run, or replace it)")
+    if args.resume_with_new_settings and not args.resume:
+        p.error("--resume-with-new-settings goes with --resume")
     return args
 
 
@@ -180,9 +202,10 @@ def make_tokenizer(args):
 def make_model(args, tok, device):
     if args.init != "scratch":
         return from_pretrained(args.init, device=device)
-    cfg = GPTConfig(arch=args.arch, vocab_size=tok.vocab_size, block_size=args.block_size,
-                    n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                    tie_embeddings=True, dropout=args.dropout)
+    fields = dict(arch=args.arch, vocab_size=tok.vocab_size, block_size=args.block_size,
+                  n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                  tie_embeddings=True, dropout=args.dropout)
+    cfg = checked_config(fields, "--init scratch", {k: "--" + k.replace("_", "-") for k in fields})
     torch.manual_seed(seed_for(args.seed, "init"))
     return GPT(cfg).to(device)
 
@@ -476,15 +499,22 @@ def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperat
 # Checkpoints: model in the Hugging Face layout + training state, replaced atomically
 
 
-def save_checkpoint(model, opt, state, out: Path, extra_config, tokenizer_dir):
+def tokenizer_files(folder) -> list[Path]:
+    """The tokenizer files of --init that a checkpoint carries (none may be a link elsewhere)."""
+    paths = [inside(Path(folder), name) for name in TOKENIZER_FILES] if folder else []
+    return [f for f in paths if f.exists()]
+
+
+def save_checkpoint(model, opt, state, out: Path, extra_config, tokenizer_dir, run_info=None):
     """Write out/checkpoint.tmp completely, then swap it in: at every moment a whole checkpoint
-    exists at out/checkpoint or out/checkpoint.old."""
+    exists at out/checkpoint or out/checkpoint.old. run_info: run.json, what --resume checks."""
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp, extra_config)
-    for name in TOKENIZER_FILES:  # a self-contained checkpoint for generate.py and transformers
-        if tokenizer_dir and (Path(tokenizer_dir) / name).exists():
-            shutil.copy(Path(tokenizer_dir) / name, tmp / name)
+    for f in tokenizer_files(tokenizer_dir):  # self-contained for generate.py and transformers
+        shutil.copy(f, tmp / f.name)
+    if run_info is not None:
+        (tmp / "run.json").write_text(json.dumps(run_info, indent=1))
     torch.save({**state, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / "train_state.pt")
@@ -503,12 +533,23 @@ def find_checkpoint(out: Path):
                             "(looked for checkpoint/ and checkpoint.old/)")
 
 
-def resume(model, opt, out: Path, record=TrainRow) -> dict:
+def resume(model, opt, out: Path, record=TrainRow) -> dict | None:
     """Load the weights, the optimizer and every random state saved in out's checkpoint; return
-    the saved training state (step, iteration, offline set of `record`s, its statistics)."""
-    ckpt = find_checkpoint(out)
-    model.load_state_dict(from_pretrained(ckpt, device=model.device).state_dict())
-    saved = torch.load(ckpt / "train_state.pt", weights_only=True)
+    the saved training state (step, iteration, offline set of `record`s, its statistics), or None
+    for a run killed before its first checkpoint (claim_out has checked the folder holds a run)."""
+    try:
+        ckpt = find_checkpoint(out)
+    except FileNotFoundError:
+        return None
+    try:
+        model.load_state_dict(from_pretrained(ckpt, device=model.device).state_dict())
+    except RuntimeError:  # sizes differ: --resume-with-new-settings cannot change the model
+        raise ValueError(f"{ckpt}: its weights do not fit this run's model (resume with the "
+                         "model flags it was saved with)") from None
+    try:
+        saved = torch.load(ckpt / "train_state.pt", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{ckpt / 'train_state.pt'}: unreadable ({e})") from None
     opt.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"]:
@@ -518,9 +559,154 @@ def resume(model, opt, out: Path, record=TrainRow) -> dict:
             "stats": saved["stats"]}
 
 
+def finite(record: dict) -> dict:
+    """NaN and inf as the strings 'nan' and 'inf': a log line stays valid JSON."""
+    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
+
+
 def log(out: Path, record: dict):
+    forget_replaced(out)
     with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(finite(record), allow_nan=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders: one run per --out, locked for the run's life; --resume checks the saved settings
+
+RUN_ENTRIES = ("checkpoint", "checkpoint.old", "log.jsonl")  # any of these: the folder holds a run
+# What does not change the result: where it is written, how often it reports, the device. Not
+# compared on --resume (the model, tokenizer and data are compared by content instead of path).
+NOT_COMPARED = {"out", "device", "eval_every", "save_every", "stop_after", "resume", "overwrite",
+                "resume_with_new_settings", "build_batch_size", "eval_data", "eval_max_new_tokens",
+                "init", "data"}
+
+
+def run_settings(args, tok, raw) -> dict:
+    """The settings that decide a run's result, as saved in its checkpoint's run.json."""
+    s = {k: v for k, v in vars(args).items() if k not in NOT_COMPARED}
+    s.update({f"model.{k}": v for k, v in config_to_hf(raw.config).items()})
+    s.update(tokenizer=f"{tok.name} ({tok.vocab_size} tokens)",
+             data_sha256=hashlib.sha256(Path(args.data).read_bytes()).hexdigest())
+    return json.loads(json.dumps(s))  # as it reads back from run.json
+
+
+def lock_out(out: Path) -> int:
+    """Hold out/.lock for the run's life (flock), our PID written in it for a second run's
+    message. The kernel drops the lock when its holder dies: a killed run's lock is taken over."""
+    path = out / ".lock"
+    for _ in range(3):  # the file may be unlinked by its holder between our open and our flock
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(f"--out {out}: in use by another run, process {holder} (wait for "
+                             "it to end, or choose another --out)") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+    raise ValueError(f"--out {out}: the lock keeps changing hands (try again)")
+
+
+def claim_out(out: Path, args, settings) -> tuple[int, Path | None]:
+    """Create and lock --out (only now, once everything else was checked), then make it ready.
+    Returns (the lock, the highest folder we created or None) for release_out."""
+    made = ([p for p in (out, *out.parents) if not p.exists()] or [None])[-1]
+    if made and args.resume:
+        raise ValueError(f"--out {out}: does not exist, so there is no run to --resume "
+                         "(check the path)")
+    out.mkdir(parents=True, exist_ok=True)
+    fd = None
+    try:
+        fd = lock_out(out)
+        prepare_out(out, args, settings)
+        return fd, made
+    except BaseException:
+        release_out(out, fd, made)
+        raise
+
+
+def prepare_out(out: Path, args, settings):
+    """Clear what a killed run left half-done, then refuse a folder holding another run unless
+    --resume (settings checked) or --overwrite (the old run set aside until the new one writes)."""
+    shutil.rmtree(out / "checkpoint.tmp", ignore_errors=True)  # a save cut short: never valid
+    shutil.rmtree(out / ".replaced.del", ignore_errors=True)
+    restore_replaced(out)
+    replaced, held = out / ".replaced", [n for n in RUN_ENTRIES if (out / n).exists()]
+    if args.resume:
+        if not held:
+            raise ValueError(f"--out {out}: holds no run to --resume (no checkpoint or log.jsonl)")
+        check_resume(out, args, settings)
+    elif held:
+        if not args.overwrite:
+            raise ValueError(f"--out {out}: holds a run ({', '.join(held)}) (--resume to continue "
+                             "it, --overwrite to replace it, or choose another --out)")
+        replaced.mkdir()
+        for name in held:
+            (out / name).rename(replaced / name)
+
+
+def check_resume(out: Path, args, settings):
+    """--resume: the checkpoint's saved settings must equal this run's (or, with
+    --resume-with-new-settings, its model must); the log is cut back to where the checkpoint was
+    taken, so the steps after it are logged once, when they are redone."""
+    try:
+        ckpt = find_checkpoint(out)
+    except FileNotFoundError:  # killed before its first checkpoint: a fresh start
+        print(f"{out}: no complete checkpoint yet, starting from step 0", file=sys.stderr)
+        info = {"settings": settings, "log_bytes": 0}
+    else:
+        info = read_json(inside(ckpt, "run.json")) if (ckpt / "run.json").exists() else {}
+    saved = info.get("settings")
+    if not isinstance(saved, dict):
+        if not args.resume_with_new_settings:
+            raise ValueError(f"{ckpt}: has no run.json with its settings (made by an older "
+                             "train.py); add --resume-with-new-settings to continue anyway")
+        saved = settings
+    diff = [k for k in sorted(settings.keys() | saved.keys()) if settings.get(k) != saved.get(k)]
+    if diff and (not args.resume_with_new_settings or any(k.startswith("model.") for k in diff)):
+        what = ", ".join(f"{'--' + k.replace('_', '-') if k in vars(args) else k} "
+                         f"{settings.get(k)} (saved: {saved.get(k)})" for k in diff)
+        raise ValueError(f"--resume: {out} was trained with other settings: {what} (run with the "
+                         "saved ones, or add --resume-with-new-settings; the model cannot change)")
+    if isinstance(info.get("log_bytes"), int) and (out / "log.jsonl").exists():
+        os.truncate(out / "log.jsonl", info["log_bytes"])
+
+
+def restore_replaced(out: Path):
+    """An --overwrite run that ended (or was killed) before it wrote: the old run is still the
+    run, put it back."""
+    if (out / ".replaced").exists():
+        for entry in (out / ".replaced").iterdir():
+            entry.rename(out / entry.name)
+        (out / ".replaced").rmdir()
+
+
+def forget_replaced(out: Path):
+    """--overwrite: the old run is removed when the new one first writes (renamed first, so a
+    kill mid-removal never leaves half an old run to be restored)."""
+    if (out / ".replaced").exists():
+        (out / ".replaced").rename(out / ".replaced.del")
+        shutil.rmtree(out / ".replaced.del")
+
+
+def release_out(out: Path, fd, made: Path | None):
+    """Drop the lock; remove the folders claim_out created if the run left nothing in them."""
+    restore_replaced(out)
+    if fd is not None:
+        (out / ".lock").unlink(missing_ok=True)
+        os.close(fd)
+    for d in (out, *out.parents):
+        if not made or not d.is_relative_to(made):
+            break
+        try:
+            d.rmdir()
+        except OSError:  # not empty: the run wrote something
+            break
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,6 +731,9 @@ class Run:
     k2: int  # steps in each of the H iterations (lines 7-18)
     rac_max_new_tokens: int
     spin_max_new_tokens: int
+    settings: dict  # what --resume compares (run_settings)
+    lock: int | None = None  # rank 0 holds out/.lock (claim_out)
+    made: Path | None = None  # the folder claim_out created, removed again if left empty
 
     @property
     def total(self):
@@ -558,6 +747,7 @@ def start(args) -> Run:
     tok = make_tokenizer(args)
     raw = make_model(args, tok, device)
     max_len = args.max_len or raw.config.block_size
+    check_model(args, tok, raw, max_len)
     rows, task = load_rows(args.data, tok, args.task, max_len, args.overflow,
                            need_ref=args.method == "rac",  # only RAC reads f(x, y)
                            pairs=args.method == "dpo")
@@ -565,10 +755,7 @@ def start(args) -> Run:
                           False)[0] if args.eval_data else []
     room = max_len - max(len(r.prompt) for r in rows)
     cap = min(max(len(r.response) for r in rows) + 16, room)  # RAC's and SPIN's default cap on z
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
-                         f"processes {world}")
-    per_epoch = steps_per_epoch(len(rows), args.batch_size)
+    per_epoch = check_plan(args, len(rows), world)
     model = raw
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -576,12 +763,48 @@ def start(args) -> Run:
     if args.compile:
         model = torch.compile(model)
     out = Path(args.out or f"out/{args.method}")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    return Run(args, rank, world, tok, task, rows, eval_rows, raw, model,
-               make_optimizer(raw, args, device), out, round(args.sft_epochs * per_epoch),
-               round(args.iter_epochs * per_epoch), args.rac_max_new_tokens or cap,
-               args.spin_max_new_tokens or cap)
+    opt, settings = make_optimizer(raw, args, device), run_settings(args, tok, raw)
+    lock, made, failed = None, None, None
+    if rank == 0:  # only rank 0 writes; the others hear whether it could claim the folder
+        try:
+            lock, made = claim_out(out, args, settings)
+        except EXPECTED as e:
+            failed = error_line(e).removeprefix("error: ")
+    if world > 1:
+        box = [failed]
+        dist.broadcast_object_list(box, src=0)
+        failed = box[0]
+    if failed:
+        raise ValueError(failed)
+    return Run(args, rank, world, tok, task, rows, eval_rows, raw, model, opt, out,
+               round(args.sft_epochs * per_epoch), round(args.iter_epochs * per_epoch),
+               args.rac_max_new_tokens or cap, args.spin_max_new_tokens or cap, settings, lock,
+               made)
+
+
+def check_model(args, tok, raw, max_len):
+    """What a checkpoint and the flags must agree on, checked before anything is written."""
+    check_vocab(tok, raw.config.vocab_size, args.init)
+    tokenizer_files(None if args.init == "scratch" else args.init)
+    if max_len > raw.config.block_size:
+        raise ValueError(f"--max-len {max_len}: longer than the model's context of "
+                         f"{raw.config.block_size} tokens (at most {raw.config.block_size})")
+
+
+def check_plan(args, n_rows, world) -> int:
+    """The batch against the data and the processes; every phase must have steps. Returns the
+    steps per epoch."""
+    if args.batch_size > n_rows:
+        raise ValueError(f"--batch-size {args.batch_size}: larger than the {n_rows} rows of "
+                         f"{args.data} (at most {n_rows})")
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
+                         f"processes {world}")
+    per_epoch = steps_per_epoch(n_rows, args.batch_size)
+    if round(args.iter_epochs * per_epoch) < 1:
+        raise ValueError(f"--iter-epochs {args.iter_epochs:g}: no step in an iteration of "
+                         f"{per_epoch} steps per epoch (at least {0.5 / per_epoch:g})")
+    return per_epoch
 
 
 def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
@@ -661,8 +884,14 @@ def train_step(r: Run, step: int, idx: list[int], offline, method: str):
         sums += torch.cat([logged, logged.new_tensor([tokens])])
     if r.world > 1:
         dist.all_reduce(sums)
+    params = list(r.raw.parameters())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if not torch.isfinite(torch.cat([sums[:2], norm[None]])).all():  # never step on NaN or inf
+        raise ValueError(f"step {step + 1}: the loss (J_SFT {sums[0]:.4g}, J_aux {sums[1]:.4g}) "
+                         f"or the gradient norm ({norm:.4g}) is not finite; stopped before the "
+                         "update, the last checkpoint is kept (lower --lr, or check the data)")
     if a.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(r.raw.parameters(), a.grad_clip)
+        torch.nn.utils.clip_grads_with_norm_(params, a.grad_clip, norm)
     r.opt.step()
     r.opt.zero_grad(set_to_none=True)
     return dict(zip(names, sums[:-1].tolist())), int(sums[-1]), lr
@@ -685,10 +914,17 @@ def evaluate_run(r: Run, state: dict, tag: str) -> dict:
 
 def checkpoint(r: Run, state: dict):
     if r.rank == 0:
+        if not all(torch.isfinite(p).all() for p in r.raw.parameters()):  # never save NaN
+            raise ValueError(f"step {state['step']}: the weights are not finite; the last "
+                             "checkpoint is kept (lower --lr)")
+        forget_replaced(r.out)
         saved = {**state, "offline": state["offline"] and [tuple(o) for o in state["offline"]]}
         extra = {"tiktoken": r.tok.name} if r.tok.name in ("bytes", "r50k_base") else {}
+        log_file = r.out / "log.jsonl"
+        info = {"settings": r.settings, "log_bytes": log_file.stat().st_size
+                if log_file.exists() else 0}  # where --resume cuts the log back to
         save_checkpoint(r.raw, r.opt, saved, r.out, extra,
-                        None if r.args.init == "scratch" else r.args.init)
+                        None if r.args.init == "scratch" else r.args.init, info)
     if r.world > 1:
         dist.barrier()
 
@@ -726,9 +962,19 @@ def train_phase(r: Run, state: dict, iteration: int, steps: range, bar, report: 
 def run(args):
     """Train one method; returns (the final evaluation and statistics, the model)."""
     r = start(args)
+    try:
+        return run_started(r)
+    finally:
+        if r.rank == 0:
+            release_out(r.out, r.lock, r.made)
+
+
+def run_started(r: Run):
+    args = r.args
     state = {"step": 0, "iteration": -1, "offline": None, "stats": {}}
     if args.resume:
-        state = resume(r.raw, r.opt, r.out, PairRow if args.method in PREFERENCE else TrainRow)
+        state = resume(r.raw, r.opt, r.out,
+                       PairRow if args.method in PREFERENCE else TrainRow) or state
     report = {"build_s": 0.0, "train_s": 0.0, "eval": {}}
     bar = tqdm(total=r.total, initial=state["step"], desc=args.method, disable=r.rank != 0)
 
@@ -755,9 +1001,9 @@ def main(argv=None):
     try:
         res, _ = run(args)
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(json.dumps({k: v for k, v in res.items() if k != "sample"}, indent=1))
-    except (DataError, ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
+            print(json.dumps(finite({k: v for k, v in res.items() if k != "sample"}), indent=1))
+    except EXPECTED as e:
+        sys.exit(error_line(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -167,19 +167,22 @@ def test_collate_bash_and_rac():
 # --- read_jsonl ------------------------------------------------------------------
 
 def test_read_jsonl_shapes(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text("\n".join([
-        json.dumps({"prompt": "2+2=", "response": "4"}),
-        "",
-        json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
-                                 {"role": "assistant", "content": "hello"}]}),
-        json.dumps({"question": "How many?", "answer": "3 + 4 = 7\n#### 1,007"}),
-    ]) + "\n")
-    a, b, c = read_jsonl(p)
+    """Each shape in its own file (a file mixing shapes is refused: tests/test_safety.py)."""
+    rows = [json.dumps({"prompt": "2+2=", "response": "4"}),
+            json.dumps({"messages": [{"role": "system", "content": "s"},
+                                     {"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": "hello"}]}),
+            json.dumps({"question": "How many?", "answer": "3 + 4 = 7\n#### 1,007"})]
+    files = []
+    for i, row in enumerate(rows):
+        files.append(tmp_path / f"d{i}.jsonl")
+        files[-1].write_text("\n" * i + row + "\n")  # blank lines first: line numbers count them
+    (a,), (b,), (c,) = map(read_jsonl, files)
     assert (a.prompt, a.response, a.answer, a.line) == ("2+2=", "4", None, 1)
-    assert b.prompt == [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}] and b.response == "hello"
-    assert b.line == 3
-    assert (c.prompt, c.response, c.answer, c.line) == ("How many?", "3 + 4 = 7\n#### 1,007", "1007", 4)
+    assert b.prompt == [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
+    assert b.response == "hello" and b.line == 2
+    assert (c.prompt, c.response, c.answer, c.line) == ("How many?", "3 + 4 = 7\n#### 1,007",
+                                                        "1007", 3)
 
 
 @pytest.mark.parametrize("line, what", [
