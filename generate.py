@@ -66,14 +66,14 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick):
     Stops after `steps` steps or when every row is done. Returns the fed tokens, (B, steps run).
     """
     assert prompts and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
-    device = next(model.parameters()).device
+    device = model.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + steps
     if S > model.config.block_size:
         raise ValueError(f"prompt ({P}) + new tokens ({steps}) exceed the model's block_size {model.config.block_size}")
     idx, pos, real, mask = left_pad(prompts, S, device)
     cols = torch.arange(S, device=device)
-    dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+    dtype = torch.bfloat16 if device.type == "cuda" else model.dtype
     cache = KVCache(model.config, B, S, device, dtype)
     out = torch.zeros(B, steps, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -94,7 +94,7 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick):
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
              seed=None) -> list[list[int]]:
     """Each prompt's new tokens, up to and including eos_id when a row produces it."""
-    device = next(model.parameters()).device
+    device = model.device
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
@@ -124,7 +124,7 @@ def bash_mix(model, prompts, responses, beta=0.2, temperature=1.0, seed=None):
     conditioned on the tokens mixed before it, so it is a decode loop, one step per reference token.
     Returns (ŷ, took): took[i][j] is True where ŷ^j is the model's token.
     """
-    device = next(model.parameters()).device
+    device = model.device
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
     lengths = torch.tensor([len(y) for y in responses], device=device)
     L = int(lengths.max())
@@ -157,7 +157,7 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
         raise ValueError(f"a reference prompt leaves no room for a label in the model's block_size {block}")
     z = generate(model, prompts, max_new_tokens, temperature=temperature, eos_id=eos_id, seed=seed)
     z = [zi[:block - len(f) + 1] for zi, f in zip(z, ref_prompts)]  # a label needs f(x,y) ++ z^<j in the window
-    device = next(model.parameters()).device
+    device = model.device
     seqs = [f + zi[:-1] for f, zi in zip(ref_prompts, z)]
     n = max(len(zi) for zi in z)
     # left padding lines every row's z up at the right end: only the last n positions need the head
@@ -255,8 +255,8 @@ class PackedLinear(nn.Module):
 @contextlib.contextmanager
 def packed_linears(model: GPT, rows: int):
     """Swap every Linear for a PackedLinear while decoding on a CPU in fp32; restore them after."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    cpu_fp32 = model.device.type == "cpu" and model.dtype == torch.float32
+    if not cpu_fp32 or not torch.backends.mkldnn.is_available():
         yield
         return
     swapped = [(parent, name, child) for parent in model.modules()

@@ -176,6 +176,16 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (all on one device)."""
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (all share one)."""
+        return self.wte.weight.dtype
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
@@ -400,7 +410,7 @@ def save_pretrained(model: GPT, path, extra_config: dict | None = None):
         t = t.t() if transposed else t
         for (hf_name, shape), piece in zip(parts, t.split([shape[0] for _, shape in parts])):
             tensors[hf_name] = piece.to("cpu").contiguous()
-    config = {**config_to_hf(cfg), "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    config = {**config_to_hf(cfg), "torch_dtype": str(model.dtype).removeprefix("torch."),
               **(extra_config or {})}
     tmp = path / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
