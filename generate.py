@@ -144,29 +144,34 @@ def bash_mix(model, prompts, responses, beta=0.2, temperature=1.0, seed=None):
 
 
 @torch.inference_mode()
-def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, seed=None, eos_id=None):
-    """Reference-Answer-based Correction's data (Eq. 6): z ~ p(·|x), then z̄^j = argmax p(·|f(x,y), z^<j).
+def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, seed=None,
+               eos_id=None):
+    """Reference-Answer-based Correction's data (Eq. 6): z ~ p(·|x), then
+    z̄^j = argmax p(·|f(x,y), z^<j).
 
     z is sampled until eos_id or max_new_tokens. The labels need one teacher-forced pass over the
     token ids f(x,y) ++ z[:-1]: the position that has read f(x,y) ++ z^<j predicts z̄^j. The ids are
-    concatenated, never decoded to text and re-encoded. Returns (z, z̄, mask) with mask = (z̄ != z),
-    the positions Eq. 7 trains on.
+    concatenated, never decoded to text and re-encoded. Returns (z, z̄, differs) with
+    differs^j = 1(z̄^j != z^j), the positions Eq. 7 trains on.
     """
     block = model.config.block_size
     if any(len(f) >= block for f in ref_prompts):  # checked before sampling, which would be wasted
-        raise ValueError(f"a reference prompt leaves no room for a label in the model's block_size {block}")
+        raise ValueError(f"a reference prompt leaves no room for a label in the model's "
+                         f"block_size {block}")
     z = generate(model, prompts, max_new_tokens, temperature=temperature, eos_id=eos_id, seed=seed)
-    z = [zi[:block - len(f) + 1] for zi, f in zip(z, ref_prompts)]  # a label needs f(x,y) ++ z^<j in the window
+    # a label needs f(x,y) ++ z^<j in the window
+    z = [zi[:block - len(f) + 1] for zi, f in zip(z, ref_prompts)]
     device = model.device
     seqs = [f + zi[:-1] for f, zi in zip(ref_prompts, z)]
     n = max(len(zi) for zi in z)
     # left padding lines every row's z up at the right end: only the last n positions need the head
-    idx, pos, _, mask = left_pad(seqs, max(len(s) for s in seqs), device)
+    idx, pos, _, attn_mask = left_pad(seqs, max(len(s) for s in seqs), device)
     with autocast(device), packed_linears(model, idx.numel()):
-        best = model(idx, pos=pos, mask=mask, last_n=n).argmax(dim=-1).tolist()
+        best = model(idx, pos=pos, mask=attn_mask, last_n=n).argmax(dim=-1).tolist()
     zbar = [b[n - len(zi):] for b, zi in zip(best, z)]
-    mask = [[int(a != b) for a, b in zip(zb, zi)] for zb, zi in zip(zbar, z)]
-    return z, zbar, mask
+    # Eq. 7 trains only where the label differs from the sample: 1(z̄^j != z^j)
+    differs = [[int(a != b) for a, b in zip(zb, zi)] for zb, zi in zip(zbar, z)]
+    return z, zbar, differs
 
 
 # ----------------------------------------------------------------------------------------------
