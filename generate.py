@@ -57,20 +57,23 @@ def left_pad(prompts, S, device):
 
 
 @torch.inference_mode()
-def decode(model: GPT, prompts: list[list[int]], steps: int, pick):
+def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=None):
     """The decode loop shared by generate, bash_mix and SCS.
 
     Prompts are left-padded into one batch; each row's positions start at 0 at its first real
     token, and a mask hides the padding columns. One prefill, then one step per token for the
-    whole batch: pick(t, logits (B, vocab)) returns (tokens to feed (B,), done (B,) bool).
-    Stops after `steps` steps or when every row is done. Returns the fed tokens, (B, steps run).
+    whole batch: pick(t, logits) returns (tokens to feed (B,), done (B,) bool). logits are
+    (B, vocab), or only the rows that need_logits(t), a (B,) bool mask, selects: the head is not
+    run for the other rows. Stops after `steps` steps or when every row is done. Returns the fed
+    tokens, (B, steps run).
     """
     assert prompts and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
     device = model.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + steps
     if S > model.config.block_size:
-        raise ValueError(f"prompt ({P}) + new tokens ({steps}) exceed the model's block_size {model.config.block_size}")
+        raise ValueError(f"prompt ({P}) + new tokens ({steps}) exceed the model's block_size "
+                         f"{model.config.block_size}")
     idx, pos, real, mask = left_pad(prompts, S, device)
     cols = torch.arange(S, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else model.dtype
@@ -78,16 +81,18 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick):
     out = torch.zeros(B, steps, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     with autocast(device), packed_linears(model, B):
-        logits = model(idx, pos=pos[:, :P], cache=cache, cols=cols[:P], mask=mask, last_n=1)
+        h = model(idx, pos=pos[:, :P], cache=cache, cols=cols[:P], mask=mask, last_n=1, head=False)
         for t in range(steps):
-            tok, finished = pick(t, logits[:, -1])
+            last = h[:, -1] if need_logits is None else h[need_logits(t), -1]
+            tok, finished = pick(t, model.lm_head(last))
             out[:, t] = tok
             done |= finished
             if t == steps - 1 or bool(done.all()):
                 return out[:, :t + 1]
             c = P + t
             mask = (real & (cols <= c))[:, None, None, :]
-            logits = model(tok[:, None], pos=pos[:, c:c + 1], cache=cache, cols=cols[c:c + 1], mask=mask, last_n=1)
+            h = model(tok[:, None], pos=pos[:, c:c + 1], cache=cache, cols=cols[c:c + 1], mask=mask,
+                      last_n=1, head=False)
     return out
 
 
@@ -122,22 +127,22 @@ def bash_mix(model, prompts, responses, beta=0.2, temperature=1.0, seed=None):
     Step j feeds the mixed prefix x ++ ŷ^<j, samples z^j ~ p(·|x, ŷ^<j) and keeps
     ŷ^j = z^j with probability beta, else ŷ^j = y^j (Eq. 4). It is sequential: every sample is
     conditioned on the tokens mixed before it, so it is a decode loop, one step per reference token.
-    Returns (ŷ, took): took[i][j] is True where ŷ^j is the model's token.
+    The coins are drawn first, so the head and the sampler run only for the rows whose coin takes
+    the model's token. Returns (ŷ, took): took[i][j] is True where ŷ^j is the model's token.
     """
     device = model.device
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
     lengths = torch.tensor([len(y) for y in responses], device=device)
     L = int(lengths.max())
     ys = torch.tensor([y + [0] * (L - len(y)) for y in responses], device=device)
-    took = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
+    took = torch.rand(len(prompts), L, generator=gen, device=device) < beta  # Eq. 4's coins
 
-    def pick(t, logits):
-        z = sample(logits, temperature, generator=gen)
-        coin = torch.rand(len(prompts), generator=gen, device=device) < beta
-        took[:, t] = coin
-        return torch.where(coin, z, ys[:, t]), t >= lengths - 1
+    def pick(t, logits):  # logits of the rows with took[:, t] only: the others need no z^j
+        y_hat = ys[:, t].clone()
+        y_hat[took[:, t]] = sample(logits, temperature, generator=gen)  # Eq. 4: z^j, else y^j
+        return y_hat, t >= lengths - 1
 
-    mixed = decode(model, prompts, L, pick).tolist()
+    mixed = decode(model, prompts, L, pick, need_logits=lambda t: took[:, t]).tolist()
     took = took.tolist()
     return ([m[:len(y)] for m, y in zip(mixed, responses)],
             [k[:len(y)] for k, y in zip(took, responses)])
