@@ -21,47 +21,6 @@ from safetensors import SafetensorError
 from model import GPT, KVCache
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class PackedLinear(nn.Module):
-    """A Linear layer for CPU inference whose weight oneDNN has re-laid out once for the matmul.
-
-    Decoding multiplies a few rows by every weight at each step; with the plain layout the CPU
-    matmul reaches a third of the memory bandwidth, with the packed one most of it (~2x faster).
-    """
-
-    def __init__(self, linear: nn.Linear, rows: int):
-        super().__init__()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
-        self.bias = linear.bias
-
-    def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-@contextlib.contextmanager
-def packed_linears(model: GPT, rows: int):
-    """Swap every Linear for a PackedLinear while decoding on a CPU in fp32; restore them after."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        yield
-        return
-    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear)]
-    try:
-        for parent, name, child in swapped:
-            setattr(parent, name, PackedLinear(child, rows))
-        yield
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
-
-
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Next token per row from logits (B, vocab). temperature 0 is greedy."""
     if temperature == 0.0:
@@ -101,44 +60,49 @@ def left_pad(prompts, S, device):
 
 
 @torch.inference_mode()
-def decode(model: GPT, prompts: list[list[int]], steps: int, pick):
+def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=None):
     """The decode loop shared by generate, bash_mix and SCS.
 
     Prompts are left-padded into one batch; each row's positions start at 0 at its first real
     token, and a mask hides the padding columns. One prefill, then one step per token for the
-    whole batch: pick(t, logits (B, vocab)) returns (tokens to feed (B,), done (B,) bool).
-    Stops after `steps` steps or when every row is done. Returns the fed tokens, (B, steps run).
+    whole batch: pick(t, logits) returns (tokens to feed (B,), done (B,) bool). logits are
+    (B, vocab), or only the rows that need_logits(t), a (B,) bool mask, selects: the head is not
+    run for the other rows. Stops after `steps` steps or when every row is done. Returns the fed
+    tokens, (B, steps run).
     """
     assert prompts and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
-    device = next(model.parameters()).device
+    device = model.device
     B, P = len(prompts), max(len(p) for p in prompts)
     S = P + steps
     if S > model.config.block_size:
-        raise ValueError(f"prompt ({P}) + new tokens ({steps}) exceed the model's block_size {model.config.block_size}")
+        raise ValueError(f"prompt ({P}) + new tokens ({steps}) exceed the model's block_size "
+                         f"{model.config.block_size}")
     idx, pos, real, mask = left_pad(prompts, S, device)
     cols = torch.arange(S, device=device)
-    dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+    dtype = torch.bfloat16 if device.type == "cuda" else model.dtype
     cache = KVCache(model.config, B, S, device, dtype)
     out = torch.zeros(B, steps, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     with autocast(device), packed_linears(model, B):
-        logits = model(idx, pos=pos[:, :P], cache=cache, cols=cols[:P], mask=mask, last_n=1)
+        h = model(idx, pos=pos[:, :P], cache=cache, cols=cols[:P], mask=mask, last_n=1, head=False)
         for t in range(steps):
-            tok, finished = pick(t, logits[:, -1])
+            last = h[:, -1] if need_logits is None else h[need_logits(t), -1]
+            tok, finished = pick(t, model.lm_head(last))
             out[:, t] = tok
             done |= finished
             if t == steps - 1 or bool(done.all()):
                 return out[:, :t + 1]
             c = P + t
             mask = (real & (cols <= c))[:, None, None, :]
-            logits = model(tok[:, None], pos=pos[:, c:c + 1], cache=cache, cols=cols[c:c + 1], mask=mask, last_n=1)
+            h = model(tok[:, None], pos=pos[:, c:c + 1], cache=cache, cols=cols[c:c + 1], mask=mask,
+                      last_n=1, head=False)
     return out
 
 
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
              seed=None) -> list[list[int]]:
     """Each prompt's new tokens, up to and including eos_id when a row produces it."""
-    device = next(model.parameters()).device
+    device = model.device
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
@@ -166,51 +130,56 @@ def bash_mix(model, prompts, responses, beta=0.2, temperature=1.0, seed=None):
     Step j feeds the mixed prefix x ++ ŷ^<j, samples z^j ~ p(·|x, ŷ^<j) and keeps
     ŷ^j = z^j with probability beta, else ŷ^j = y^j (Eq. 4). It is sequential: every sample is
     conditioned on the tokens mixed before it, so it is a decode loop, one step per reference token.
-    Returns (ŷ, took): took[i][j] is True where ŷ^j is the model's token.
+    The coins are drawn first, so the head and the sampler run only for the rows whose coin takes
+    the model's token. Returns (ŷ, took): took[i][j] is True where ŷ^j is the model's token.
     """
-    device = next(model.parameters()).device
+    device = model.device
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
     lengths = torch.tensor([len(y) for y in responses], device=device)
     L = int(lengths.max())
     ys = torch.tensor([y + [0] * (L - len(y)) for y in responses], device=device)
-    took = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
+    took = torch.rand(len(prompts), L, generator=gen, device=device) < beta  # Eq. 4's coins
 
-    def pick(t, logits):
-        z = sample(logits, temperature, generator=gen)
-        coin = torch.rand(len(prompts), generator=gen, device=device) < beta
-        took[:, t] = coin
-        return torch.where(coin, z, ys[:, t]), t >= lengths - 1
+    def pick(t, logits):  # logits of the rows with took[:, t] only: the others need no z^j
+        y_hat = ys[:, t].clone()
+        y_hat[took[:, t]] = sample(logits, temperature, generator=gen)  # Eq. 4: z^j, else y^j
+        return y_hat, t >= lengths - 1
 
-    mixed = decode(model, prompts, L, pick).tolist()
+    mixed = decode(model, prompts, L, pick, need_logits=lambda t: took[:, t]).tolist()
     took = took.tolist()
     return ([m[:len(y)] for m, y in zip(mixed, responses)],
             [k[:len(y)] for k, y in zip(took, responses)])
 
 
 @torch.inference_mode()
-def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, seed=None, eos_id=None):
-    """Reference-Answer-based Correction's data (Eq. 6): z ~ p(·|x), then z̄^j = argmax p(·|f(x,y), z^<j).
+def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, seed=None,
+               eos_id=None):
+    """Reference-Answer-based Correction's data (Eq. 6): z ~ p(·|x), then
+    z̄^j = argmax p(·|f(x,y), z^<j).
 
     z is sampled until eos_id or max_new_tokens. The labels need one teacher-forced pass over the
     token ids f(x,y) ++ z[:-1]: the position that has read f(x,y) ++ z^<j predicts z̄^j. The ids are
-    concatenated, never decoded to text and re-encoded. Returns (z, z̄, mask) with mask = (z̄ != z),
-    the positions Eq. 7 trains on.
+    concatenated, never decoded to text and re-encoded. Returns (z, z̄, differs) with
+    differs^j = 1(z̄^j != z^j), the positions Eq. 7 trains on.
     """
     block = model.config.block_size
     if any(len(f) >= block for f in ref_prompts):  # checked before sampling, which would be wasted
-        raise ValueError(f"a reference prompt leaves no room for a label in the model's block_size {block}")
+        raise ValueError(f"a reference prompt leaves no room for a label in the model's "
+                         f"block_size {block}")
     z = generate(model, prompts, max_new_tokens, temperature=temperature, eos_id=eos_id, seed=seed)
-    z = [zi[:block - len(f) + 1] for zi, f in zip(z, ref_prompts)]  # a label needs f(x,y) ++ z^<j in the window
-    device = next(model.parameters()).device
+    # a label needs f(x,y) ++ z^<j in the window
+    z = [zi[:block - len(f) + 1] for zi, f in zip(z, ref_prompts)]
+    device = model.device
     seqs = [f + zi[:-1] for f, zi in zip(ref_prompts, z)]
     n = max(len(zi) for zi in z)
     # left padding lines every row's z up at the right end: only the last n positions need the head
-    idx, pos, _, mask = left_pad(seqs, max(len(s) for s in seqs), device)
+    idx, pos, _, attn_mask = left_pad(seqs, max(len(s) for s in seqs), device)
     with autocast(device), packed_linears(model, idx.numel()):
-        best = model(idx, pos=pos, mask=mask, last_n=n).argmax(dim=-1).tolist()
+        best = model(idx, pos=pos, mask=attn_mask, last_n=n).argmax(dim=-1).tolist()
     zbar = [b[n - len(zi):] for b, zi in zip(best, z)]
-    mask = [[int(a != b) for a, b in zip(zb, zi)] for zb, zi in zip(zbar, z)]
-    return z, zbar, mask
+    # Eq. 7 trains only where the label differs from the sample: 1(z̄^j != z^j)
+    differs = [[int(a != b) for a, b in zip(zb, zi)] for zb, zi in zip(zbar, z)]
+    return z, zbar, differs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +306,53 @@ def sample_command(args):
     print(args.prompt, end="", flush=True)
     decode(model, prompts, args.max_new_tokens, pick)
     print(text.decode(b"", final=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Running on the device: bf16 autocast on CUDA; on a CPU, Linear weights packed for decoding.
+# Packing exists for speed only: a decode step multiplies a few rows by every weight, and with
+# oneDNN's re-laid-out weights that runs 1.4-2x faster than with the plain layout (same results).
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, plain fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class PackedLinear(nn.Module):
+    """A Linear layer for CPU inference whose weight oneDNN has re-laid out once for the matmul.
+
+    Private ops, because no public API matched them: torch.utils.mkldnn's MkldnnLinear decoded at
+    the plain layout's speed, torch.compile (no freezing) was slower and took minutes to compile.
+    """
+
+    def __init__(self, linear: nn.Linear, rows: int):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def packed_linears(model: GPT, rows: int):
+    """Swap every Linear for a PackedLinear while decoding on a CPU in fp32; restore them after."""
+    cpu_fp32 = model.device.type == "cpu" and model.dtype == torch.float32
+    if not cpu_fp32 or not torch.backends.mkldnn.is_available():
+        yield
+        return
+    swapped = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    try:
+        for parent, name, child in swapped:
+            setattr(parent, name, PackedLinear(child, rows))
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 
 if __name__ == "__main__":

@@ -178,18 +178,27 @@ class GPT(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the weights are (all on one device)."""
         return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (all share one)."""
+        return self.wte.weight.dtype
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, pos=None, cache=None, cols=None, mask=None, last_n=None, noise_alpha=0.0):
+    def forward(self, idx, pos=None, cache=None, cols=None, mask=None, last_n=None, noise_alpha=0.0,
+                head=True):
         """idx (B, T) token ids -> logits (B, T, vocab), or (B, last_n, vocab) for the last positions only.
 
         pos (B, T): each token's position (default 0..T-1; left-padded rows start later).
         cache, cols (T,), mask (B, 1, T, cache length): decoding through a KVCache, writing the new
         keys/values at columns `cols`; mask says which cache columns each query may read.
         noise_alpha: NEFTune, uniform noise of size alpha / sqrt(T * d) on the embeddings, training only.
+        head=False: the final normalised hidden states (B, T or last_n, d) instead of logits, for a
+        caller that needs the logits of some rows only and applies lm_head to those.
         """
         B, T = idx.shape
         x = self.wte(idx)
@@ -207,7 +216,8 @@ class GPT(nn.Module):
             x = block(x, rope, mask, cache, cols)
         if last_n is not None:  # decoding and labelling need a few positions: skip the head elsewhere
             x = x[:, -last_n:]
-        return self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        return self.lm_head(x) if head else x
 
 
 def token_nll(logits, targets):
@@ -530,7 +540,7 @@ def save_pretrained(model: GPT, path, extra_config: dict | None = None):
         t = t.t() if transposed else t
         for (hf_name, shape), piece in zip(parts, t.split([shape[0] for _, shape in parts])):
             tensors[hf_name] = piece.to("cpu").contiguous()
-    config = {**config_to_hf(cfg), "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    config = {**config_to_hf(cfg), "torch_dtype": str(model.dtype).removeprefix("torch."),
               **(extra_config or {})}
     tmp = path / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})

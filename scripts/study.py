@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from data import BUILTIN_FORMS, builtin_task  # noqa: E402
+from data import BUILTIN_FORMS, builtin_task, load_tokenizer  # noqa: E402
+from model import from_pretrained  # noqa: E402
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262}  # two-sided 95 % quantiles of Student's t by degrees of freedom
@@ -130,6 +131,14 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
     return {k: v for k, v in res.items() if k != "sample"}
 
 
+def evaluate_checkpoint(init: Path, path: Path) -> dict:
+    """What every continuation starts from, scored like them."""
+    tok, model = load_tokenizer(init), from_pretrained(init)
+    rows, _ = train.load_rows(path, tok, "arith", model.config.block_size, "fail", False)
+    res = train.evaluate(model, rows, tok, "arith", 64, 256)
+    return {k: v for k, v in res.items() if k != "sample"}
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs and tables
 
@@ -205,9 +214,8 @@ def main(argv=None):
         folder = Path(args.out) / task
         data = write_splits(folder / "data", task, args)
         init = warm_up(folder, data, args)
-        res = continue_from(init, data, root / task / "warmup", "sft", 0,
-                            {**runs(args)[0][1], "epochs": 0}, split)  # no steps: evaluate only
-        results = [{"task": task, "label": "warm-up", "method": "sft", "seed": 0, **res}]
+        results = [{"task": task, "label": "warm-up", "method": "sft", "seed": 0,
+                    **evaluate_checkpoint(init, data[split])}]
         for seed in args.seeds:
             for method, settings in runs(args):
                 name = label(method, settings, args)
