@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 # r50k_base (the GPT-2 vocabulary) is read from assets/ so no network is needed.
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parent / "assets" / "tiktoken"))
+os.environ.setdefault("TIKTOKEN_CACHE_DIR",
+                      str(Path(__file__).resolve().parent / "assets" / "tiktoken"))
 
 import tiktoken  # noqa: E402  (must come after the cache dir is set)
 import torch  # noqa: E402
@@ -30,7 +31,8 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++
 # GPT-2's regex after a Hugging Face Digits(individual_digits) step (SmolLM2):
 # every digit is its own piece, and whitespace before a digit ends a piece,
 # as it would at the end of the stretch the Digits step cut off.
-DIGITS_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++|\s++(?:$|(?=\p{N}))|\s+(?!\S)|\s"""
+DIGITS_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++|\s++(?:$|(?=\p{N}))"""
+              r"""|\s+(?!\S)|\s""")
 
 
 @dataclass
@@ -50,7 +52,8 @@ class Tokenizer:
 
     def special(self, s: str) -> int:
         if s not in self.enc.special_tokens_set:
-            raise KeyError(f"tokenizer {self.name!r} has no special token {s!r}; it has {sorted(self.enc.special_tokens_set)}")
+            raise KeyError(f"tokenizer {self.name!r} has no special token {s!r}; it has "
+                           f"{sorted(self.enc.special_tokens_set)}")
         return self.enc.encode_single_token(s)
 
     @property
@@ -60,7 +63,8 @@ class Tokenizer:
 
 def byte_tokenizer() -> Tokenizer:
     # 256 byte tokens and no merges: any UTF-8 text round-trips, vocab 257.
-    enc = tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
+    enc = tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]",
+                            mergeable_ranks={bytes([i]): i for i in range(256)},
                             special_tokens={"<|endoftext|>": 256})
     return Tokenizer(enc, eos_id=256, chat=None, name="bytes")
 
@@ -71,7 +75,8 @@ def gpt2_tokenizer() -> Tokenizer:
 
 def bytes_to_unicode() -> dict[int, str]:
     # GPT-2's table: byte-level BPE vocabularies spell every byte as a printable character.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -127,9 +132,11 @@ def _encoding(tj: dict, folder: Path, path: Path) -> Tokenizer:
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     special_ids = set(specials.values())
     try:
-        ranks = {bytes(byte_of[c] for c in s): i for s, i in tj["model"]["vocab"].items() if i not in special_ids}
+        ranks = {bytes(byte_of[c] for c in s): i for s, i in tj["model"]["vocab"].items()
+                 if i not in special_ids}
     except KeyError as e:
-        raise ValueError(f"{path}: vocabulary is not byte-level (character {e} has no byte)") from None
+        raise ValueError(f"{path}: vocabulary is not byte-level "
+                         f"(character {e} has no byte)") from None
     enc = tiktoken.Encoding(name="tokenizer.json", pat_str=_pattern(tj.get("pre_tokenizer"), path),
                             mergeable_ranks=ranks, special_tokens=specials)
 
@@ -139,10 +146,12 @@ def _encoding(tj: dict, folder: Path, path: Path) -> Tokenizer:
     eos = eos["content"] if isinstance(eos, dict) else eos
     # Newer transformers save the chat template beside the config.
     jinja = inside(folder, "chat_template.jinja")
-    template = jinja.read_text(encoding="utf-8") if jinja.exists() else str(cfg.get("chat_template") or "")
+    template = (jinja.read_text(encoding="utf-8") if jinja.exists()
+                else str(cfg.get("chat_template") or ""))
     chat = "chatml" if "<|im_start|>" in template else "zephyr" if template else None
     if eos not in specials:
-        raise ValueError(f"{path}: eos token {eos!r} is not among the added tokens {sorted(specials)}")
+        raise ValueError(f"{path}: eos token {eos!r} is not among the added tokens "
+                         f"{sorted(specials)}")
     return Tokenizer(enc, eos_id=specials[eos], chat=chat, name="tokenizer.json")
 
 
@@ -153,7 +162,8 @@ def load_tokenizer(ckpt_dir) -> Tokenizer:
     if "tiktoken" in cfg:  # our own checkpoints
         makers = {"bytes": byte_tokenizer, "r50k_base": gpt2_tokenizer}
         if cfg["tiktoken"] not in makers:
-            raise ValueError(f"{cfg_path}: unknown tiktoken {cfg['tiktoken']!r}, expected one of {list(makers)}")
+            raise ValueError(f"{cfg_path}: unknown tiktoken {cfg['tiktoken']!r}, "
+                             f"expected one of {list(makers)}")
         return makers[cfg["tiktoken"]]()
     if inside(folder, "tokenizer.json").exists():
         return _tokenizer_from_json(folder)
@@ -191,7 +201,8 @@ def _field(obj: dict, key: str, kind: type, where: str):
     if key not in obj:
         raise DataError(f"{where}: missing field {key!r}")
     if not isinstance(obj[key], kind):
-        raise DataError(f"{where}: field {key!r} must be {kind.__name__}, got {type(obj[key]).__name__}")
+        raise DataError(f"{where}: field {key!r} must be {kind.__name__}, "
+                        f"got {type(obj[key]).__name__}")
     return obj[key]
 
 
@@ -201,11 +212,14 @@ def _example(obj, where: str, line: int) -> Example:
     if "messages" in obj:
         turns = _field(obj, "messages", list, where)
         for t in turns:
-            if not isinstance(t, dict) or not isinstance(t.get("role"), str) or not isinstance(t.get("content"), str):
-                raise DataError(f"{where}: field 'messages' must hold objects with string 'role' and 'content'")
+            if (not isinstance(t, dict) or not isinstance(t.get("role"), str)
+                    or not isinstance(t.get("content"), str)):
+                raise DataError(f"{where}: field 'messages' must hold objects with string "
+                                "'role' and 'content'")
         # The target must be the end of the conversation, with something before it.
         if len(turns) < 2 or turns[-1]["role"] != "assistant":
-            raise DataError(f"{where}: field 'messages' must end with an assistant turn that has >= 1 turn before it")
+            raise DataError(f"{where}: field 'messages' must end with an assistant turn that "
+                            "has >= 1 turn before it")
         ex = Example(turns[:-1], turns[-1]["content"], line=line, shape="messages")
     elif "question" in obj:
         q, a = _field(obj, "question", str, where), _field(obj, "answer", str, where)
@@ -213,10 +227,11 @@ def _example(obj, where: str, line: int) -> Example:
     elif "prompt" in obj or "response" in obj:
         r = _field(obj, "response", str, where)
         # a response with a final answer after '####' is scored by exact match, as GSM8K is
-        ex = Example(_field(obj, "prompt", str, where), r, answer=extract_answer(r) if "####" in r else None,
-                     line=line)
+        ex = Example(_field(obj, "prompt", str, where), r,
+                     answer=extract_answer(r) if "####" in r else None, line=line)
     else:
-        raise DataError(f"{where}: unknown shape with keys {sorted(obj)}; expected prompt/response, messages, or question/answer")
+        raise DataError(f"{where}: unknown shape with keys {sorted(obj)}; expected "
+                        "prompt/response, messages, or question/answer")
     if not ex.response.strip():
         raise DataError(f"{where}: empty response")
     return ex
@@ -279,13 +294,14 @@ def read_jsonl(path, pairs: bool = False) -> list[Example]:
 # -----------------------------------------------------------------------------
 # Prompt templates (appendix A.1) and encoding examples into token rows.
 
-QA_SYSTEM = ("You are a helpful assistant to answer user's question. Your will be given both a question and reference "
-             "response. You need to give a new response to the question and contain the main content in the reference response.")
+QA_SYSTEM = ("You are a helpful assistant to answer user's question. Your will be given both a "
+             "question and reference response. You need to give a new response to the question "
+             "and contain the main content in the reference response.")
 QA_REF = "{x}\nAnswer this question based on the following reference response: {y}"
 MATH_PROMPT = "{x}\nLet's think step by step."
 TLDR_PROMPT = "{x}\nTL;DR:"
-TLDR_REF = ("[POST]: {x} [REFERENCE SUMMARY]: {y}\n\nRe-write a new summary of the post and cover the main content "
-            "in the reference summary. TL;DR:")
+TLDR_REF = ("[POST]: {x} [REFERENCE SUMMARY]: {y}\n\nRe-write a new summary of the post and cover "
+            "the main content in the reference summary. TL;DR:")
 TASKS = ("plain", "chat", "math", "summarize", "arith")
 
 
@@ -293,7 +309,8 @@ TASKS = ("plain", "chat", "math", "summarize", "arith")
 class Row:
     prompt: list[int]  # x: prompt ids, template applied
     response: list[int]  # y: response ids + [eos_id]
-    ref_prompt: list[int]  # f(x, y): the RAC reference prompt; the model continues it with a new response
+    # f(x, y): the RAC reference prompt; the model continues it with a new response
+    ref_prompt: list[int]
     answer: str | None  # for exact match
     reference: str  # response text, for ROUGE
     rejected: list[int] | None = None  # a preference pair's rejected response ids + [eos_id]
@@ -337,7 +354,8 @@ def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
         ref = render_chat(_qa_ref_turns(turns, y), tok)
     elif task == "math":
         # The paper's evaluation prompt has an empty system turn.
-        prompt = render_chat([{"role": "system", "content": ""}, {"role": "user", "content": MATH_PROMPT.format(x=x)}], tok)
+        prompt = render_chat([{"role": "system", "content": ""},
+                              {"role": "user", "content": MATH_PROMPT.format(x=x)}], tok)
         ref = render_chat(_qa_ref_turns([{"role": "user", "content": x}], y), tok)
     elif task == "summarize":
         prompt = tok.encode(TLDR_PROMPT.format(x=x))
@@ -351,31 +369,37 @@ def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
     return Row(prompt, tok.encode(y) + [tok.eos_id], ref, ex.answer, ex.response)
 
 
-def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int, overflow: str = "truncate",
-                need_ref: bool = True) -> list[Row]:
-    """Encode and fit every row into max_len tokens: x ++ y, and (need_ref, for RAC) f(x, y) plus one token.
+def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int,
+                overflow: str = "truncate", need_ref: bool = True) -> list[Row]:
+    ("""Encode and fit every row into max_len tokens: x ++ y, and (need_ref, for RAC) f(x, y) """
+     """plus one token.
 
     f(x, y) holds the reference y, so whenever x ++ y overflows it overflows
     too; "truncate" therefore cuts y inside f(x, y) as well, by the same rule
     as the response. A prompt x that leaves no room is always an error.
-    """
-    assert overflow in ("truncate", "fail"), f"overflow must be 'truncate' or 'fail', got {overflow!r}"
+    """)
+    assert overflow in ("truncate", "fail"), \
+        f"overflow must be 'truncate' or 'fail', got {overflow!r}"
     rows, cut = [], 0
     for i, ex in enumerate(examples, 1):
         r = encode_example(ex, tok, task)
         where = f"example {i}" + (f" (line {ex.line})" if ex.line else "")
         if len(r.prompt) + 1 > max_len:
-            raise DataError(f"{where}: prompt has {len(r.prompt)} tokens, leaving no room for a response in max_len={max_len}")
+            raise DataError(f"{where}: prompt has {len(r.prompt)} tokens, leaving no room for a "
+                            f"response in max_len={max_len}")
         n_ref = len(r.ref_prompt) if need_ref else 0
         if overflow == "fail" and max(len(r.prompt) + len(r.response), n_ref + 1) > max_len:
-            raise DataError(f"{where}: prompt+response ({len(r.prompt) + len(r.response)}) or reference prompt+1 "
-                            f"({n_ref + 1}) tokens > max_len={max_len}")
+            raise DataError(f"{where}: prompt+response ({len(r.prompt) + len(r.response)}) or "
+                            f"reference prompt+1 ({n_ref + 1}) tokens > max_len={max_len}")
         y_ids = tok.encode(ex.response)
-        while need_ref and len(r.ref_prompt) + 1 > max_len:  # each pass drops the reference tokens that overflowed
+        # each pass drops the reference tokens that overflowed
+        while need_ref and len(r.ref_prompt) + 1 > max_len:
             y_ids = y_ids[:len(y_ids) - (len(r.ref_prompt) + 1 - max_len)]
             if not y_ids:
-                raise DataError(f"{where}: reference prompt has {n_ref} tokens and cannot fit max_len={max_len}")
-            r.ref_prompt = encode_example(Example(ex.prompt, tok.decode(y_ids)), tok, task).ref_prompt
+                raise DataError(f"{where}: reference prompt has {n_ref} tokens and cannot fit "
+                                f"max_len={max_len}")
+            r.ref_prompt = encode_example(Example(ex.prompt, tok.decode(y_ids)),
+                                          tok, task).ref_prompt
         if len(r.prompt) + len(r.response) > max_len or len(r.ref_prompt) < n_ref:
             r.response = r.response[:max_len - len(r.prompt)]  # the eos goes with the cut
             cut += 1
@@ -399,8 +423,9 @@ def encode_pairs(examples: list[Example], tok: Tokenizer, task: str, max_len: in
 # Batching: one function for SFT, BASH and RAC.
 
 
-def collate(prompts: list[list[int]], inputs: list[list[int]], targets: list[list[int]], pad_id: int,
-            masks: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(prompts: list[list[int]], inputs: list[list[int]], targets: list[list[int]],
+            pad_id: int, masks: list[list[int]] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (x, y, mask), B x T, no packing (appendix A.2).
 
     Row i reads x = prompt + inputs[:-1]; position P-1+j predicts targets[j].
@@ -411,9 +436,11 @@ def collate(prompts: list[list[int]], inputs: list[list[int]], targets: list[lis
     rows = []
     for i, (p, inp, tgt) in enumerate(zip(prompts, inputs, targets, strict=True)):
         assert len(p) >= 1 and len(inp) >= 1, f"row {i}: needs >= 1 prompt and >= 1 response token"
-        assert len(inp) == len(tgt), f"row {i}: inputs ({len(inp)}) and targets ({len(tgt)}) differ in length"
+        assert len(inp) == len(tgt), \
+            f"row {i}: inputs ({len(inp)}) and targets ({len(tgt)}) differ in length"
         m = [1] * len(tgt) if masks is None else masks[i]
-        assert len(m) == len(tgt), f"row {i}: mask ({len(m)}) and targets ({len(tgt)}) differ in length"
+        assert len(m) == len(tgt), \
+            f"row {i}: mask ({len(m)}) and targets ({len(tgt)}) differ in length"
         rows.append((p + inp[:-1], [pad_id] * (len(p) - 1) + tgt, [0] * (len(p) - 1) + list(m)))
     T = max(len(x) for x, _, _ in rows)
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -458,7 +485,8 @@ def builtin_task(n: int, seed: int, terms: tuple[int, int] = (3, 5), digits: int
             steps.append(f"{value}{op}{b}={new}" if form == "chain" else f"{op}{b}={new}")
             prompt += f"{op}{b}"
             value = new
-        examples.append(Example(prompt + "=", ",".join(steps) + f" #### {value}", answer=str(value)))
+        examples.append(Example(prompt + "=", ",".join(steps) + f" #### {value}",
+                                answer=str(value)))
     return examples
 
 # -----------------------------------------------------------------------------

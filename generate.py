@@ -1,6 +1,7 @@
 """Hand-written KV-cache sampling and the offline builders that are decode loops.
 
-generate():  batched prompts of different lengths, greedy / temperature / top-k / top-p, stop at eos.
+generate():  batched prompts of different lengths, greedy / temperature / top-k / top-p, \
+stop at eos.
 bash_mix():  Batch-Scheduled Sampling's mixed responses (Eq. 4), a decode loop with a coin per step.
 rac_labels(): Reference-Answer-based Correction's labels (Eq. 6): sample z, then one teacher-forced
              pass over f(x, y) ++ z.
@@ -26,7 +27,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits, ids = logits.float() / temperature, None
-    if top_k is not None:  # work on the k best only: sorted, and far cheaper than the whole vocabulary
+    # work on the k best only: sorted, and far cheaper than the whole vocabulary
+    if top_k is not None:
         logits, ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
     elif top_p is not None:
         logits, ids = torch.sort(logits, dim=-1, descending=True)
@@ -42,12 +44,13 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 
 def left_pad(prompts, S, device):
-    """Left-pad token lists into one batch whose rows end together, in a window of S columns.
+    ("""Left-pad token lists into one batch whose rows end together, in a window of S columns.
 
     Returns idx (B, P); pos (B, S), each column's position, 0 at a row's first real token;
     real (B, S), which columns hold real tokens; mask (B, 1, P, S), what each of the P prompt
-    columns may read: causal over real tokens, and a padding column itself, so no softmax row is empty.
-    """
+    columns may read: causal over real tokens, and a padding column itself, so no softmax row """
+     """is empty.
+    """)
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([P - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)
@@ -55,7 +58,8 @@ def left_pad(prompts, S, device):
     real = cols[None, :] >= pad[:, None]
     pos = (cols[None, :] - pad[:, None]).clamp(min=0)
     causal = cols[:P, None] >= cols[None, :]
-    mask = (causal[None] & real[:, None, :]) | torch.eye(P, S, dtype=torch.bool, device=device)[None]
+    mask = ((causal[None] & real[:, None, :])
+            | torch.eye(P, S, dtype=torch.bool, device=device)[None])
     return idx, pos, real, mask[:, None]
 
 
@@ -241,11 +245,14 @@ def error_line(e: BaseException) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Sample from a checkpoint (Hugging Face layout: config.json + "
-                                            "model.safetensors, as train.py writes or transformers saves).")
+    p = argparse.ArgumentParser(description="Sample from a checkpoint (Hugging Face layout: "
+                                            "config.json + model.safetensors, as train.py writes "
+                                            "or transformers saves).")
     p.add_argument("--init", required=True, help="checkpoint directory")
-    p.add_argument("--prompt", default="", help="prompt text (empty: start from the end-of-text token)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--prompt", default="",
+                   help="prompt text (empty: start from the end-of-text token)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--num-samples", type=positive_int, default=1,
                    help="samples drawn as one batch; one sample is streamed")
     p.add_argument("--max-new-tokens", type=positive_int, default=100)
@@ -286,10 +293,11 @@ def sample_command(args):
                          f"{model.config.block_size} (ask for at most {room})")
     prompts = [ids] * args.num_samples
     if args.num_samples > 1:
-        rows = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                        tok.eos_id, args.seed)
+        rows = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k,
+                        args.top_p, tok.eos_id, args.seed)
         for i, row in enumerate(rows):
-            print(f"--- sample {i + 1}\n{args.prompt}{tok.decode([t for t in row if t != tok.eos_id])}")
+            print(f"--- sample {i + 1}\n{args.prompt}"
+                  f"{tok.decode([t for t in row if t != tok.eos_id])}")
         return
     # one sample, streamed: bytes go through an incremental UTF-8 decoder, since a character can
     # span several tokens

@@ -26,13 +26,15 @@ class GPTConfig:
     block_size: int = 1024          # longest sequence the positions cover
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: int | None = None    # fewer key/value heads than query heads = grouped-query attention
+    # fewer key/value heads than query heads = grouped-query attention
+    n_kv_head: int | None = None
     n_embd: int = 768
     head_dim: int | None = None     # default n_embd // n_head
     n_inner: int | None = None      # MLP width, default 4 * n_embd
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0     # llama only
-    bias: bool | None = None        # biases on every linear layer; default: yes for gpt2, none for llama
+    # biases on every linear layer; default: yes for gpt2, none for llama
+    bias: bool | None = None
     tie_embeddings: bool = True     # lm_head shares the token embedding
     dropout: float = 0.0
 
@@ -40,7 +42,8 @@ class GPTConfig:
         assert self.arch in ("gpt2", "llama"), f"arch must be 'gpt2' or 'llama', got {self.arch!r}"
         if self.bias is None:
             self.bias = self.arch == "gpt2"
-        assert not (self.arch == "llama" and self.bias), "the llama family has no biases (the HF layout stores none)"
+        assert not (self.arch == "llama" and self.bias), \
+            "the llama family has no biases (the HF layout stores none)"
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.n_inner = self.n_inner or 4 * self.n_embd
@@ -73,7 +76,8 @@ def rotate_half(x):
 
 def rope_tables(cfg: GPTConfig):
     """cos and sin of every position's rotary angles, (block_size, head_dim), in fp32."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu").float() / cfg.head_dim)
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu").float()
+                                        / cfg.head_dim)
     freqs = torch.outer(torch.arange(cfg.block_size, device="cpu").float(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -83,8 +87,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        # one fused projection for q, k and v (GPT-2's c_attn; Llama's q/k/v_proj are concatenated on load)
-        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        # one fused projection for q, k and v (GPT-2's c_attn; Llama's q/k/v_proj are
+        # concatenated on load)
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim,
+                                bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x, rope, mask, cache, cols):
@@ -103,8 +109,10 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, cols, k, v)
         gqa = cfg.n_kv_head != cfg.n_head
         dropout = cfg.dropout if self.training else 0.0
-        if mask is None:  # training and scoring: plain causal attention (right padding never leaks backwards)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+        # training and scoring: plain causal attention (right padding never leaks backwards)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                               enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                                dropout_p=dropout, enable_gqa=gqa)
@@ -191,15 +199,17 @@ class GPT(nn.Module):
 
     def forward(self, idx, pos=None, cache=None, cols=None, mask=None, last_n=None, noise_alpha=0.0,
                 head=True):
-        """idx (B, T) token ids -> logits (B, T, vocab), or (B, last_n, vocab) for the last positions only.
+        ("""idx (B, T) token ids -> logits (B, T, vocab), or (B, last_n, vocab) for the last """
+         """positions only.
 
         pos (B, T): each token's position (default 0..T-1; left-padded rows start later).
         cache, cols (T,), mask (B, 1, T, cache length): decoding through a KVCache, writing the new
         keys/values at columns `cols`; mask says which cache columns each query may read.
-        noise_alpha: NEFTune, uniform noise of size alpha / sqrt(T * d) on the embeddings, training only.
+        noise_alpha: NEFTune, uniform noise of size alpha / sqrt(T * d) on the embeddings, """
+         """training only.
         head=False: the final normalised hidden states (B, T or last_n, d) instead of logits, for a
         caller that needs the logits of some rows only and applies lm_head to those.
-        """
+        """)
         B, T = idx.shape
         x = self.wte(idx)
         if noise_alpha > 0 and self.training:
@@ -210,11 +220,13 @@ class GPT(nn.Module):
         elif pos is None:  # every row starts at 0: one table broadcast over the batch
             rope = (self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype))
         else:
-            rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype), self.rope_sin[pos].unsqueeze(1).to(x.dtype))
+            rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype),
+                    self.rope_sin[pos].unsqueeze(1).to(x.dtype))
         x = self.drop(x)
         for block in self.h:
             x = block(x, rope, mask, cache, cols)
-        if last_n is not None:  # decoding and labelling need a few positions: skip the head elsewhere
+        # decoding and labelling need a few positions: skip the head elsewhere
+        if last_n is not None:
             x = x[:, -last_n:]
         x = self.ln_f(x)
         return self.lm_head(x) if head else x
@@ -357,7 +369,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{where}: activation_function {act!r} is not supported (GPT-2 uses 'gelu_new')")
+            raise ValueError(f"{where}: activation_function {act!r} is not supported "
+                             "(GPT-2 uses 'gelu_new')")
         return checked_config(dict(
             arch="gpt2", vocab_size=need("vocab_size"),
             block_size=need("n_positions", "block_size"),
@@ -367,15 +380,19 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
             tie_embeddings=need("tie_word_embeddings", "tie_embeddings", True)), where, names)
     if kind in ("llama", "mistral"):
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
+            raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
+                             "(expected 'silu')")
         rope = need("rope_parameters", default={})
         scaling = need("rope_scaling", default={})
         if not isinstance(rope, dict) or not isinstance(scaling, dict):
             raise ValueError(f"{where}: rope_parameters and rope_scaling must be JSON objects")
-        if rope.get("rope_type", "default") != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
-            raise ValueError(f"{where}: rope scaling {rope or scaling} is not supported, only plain rotary positions")
+        if (rope.get("rope_type", "default") != "default"
+                or (scaling and scaling.get("rope_type", scaling.get("type")) != "default")):
+            raise ValueError(f"{where}: rope scaling {rope or scaling} is not supported, "
+                             "only plain rotary positions")
         if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
-            raise ValueError(f"{where}: attention_bias/mlp_bias are not supported for llama-type models")
+            raise ValueError(f"{where}: attention_bias/mlp_bias are not supported for "
+                             "llama-type models")
         block = need("max_position_embeddings", "block_size")
         window = need("sliding_window", default=None)
         # our attention is full, which equals sliding-window attention up to the window
@@ -396,16 +413,19 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
 
 def config_to_hf(cfg: GPTConfig) -> dict:
     if cfg.arch == "gpt2":
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-                "n_positions": cfg.block_size, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
-                "n_inner": cfg.n_inner, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-                "tie_word_embeddings": cfg.tie_embeddings, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
-                "attn_pdrop": cfg.dropout}
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
-            "max_position_embeddings": cfg.block_size, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.n_embd,
-            "head_dim": cfg.head_dim, "intermediate_size": cfg.n_inner, "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+                "n_inner": cfg.n_inner, "activation_function": "gelu_new",
+                "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.n_embd,
+            "head_dim": cfg.head_dim, "intermediate_size": cfg.n_inner,
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False,
             "tie_word_embeddings": cfg.tie_embeddings}
 
 
@@ -424,7 +444,8 @@ def hf_layout(cfg: GPTConfig) -> list[tuple[str, list[tuple[str, tuple]], bool]]
         for i in range(cfg.n_layer):
             p = f"transformer.h.{i}."
             for ln in ("ln_1", "ln_2"):
-                out += [(f"h.{i}.{ln}.{w}", [(f"{p}{ln}.{w}", (d,))], False) for w in ("weight", "bias")]
+                out += [(f"h.{i}.{ln}.{w}", [(f"{p}{ln}.{w}", (d,))], False)
+                        for w in ("weight", "bias")]
             for ours, theirs, (n_in, n_out) in [("attn.c_attn", "attn.c_attn", (d, 3 * d)),
                                                 ("attn.c_proj", "attn.c_proj", (d, d)),
                                                 ("mlp.c_fc", "mlp.c_fc", (d, inner)),
@@ -439,7 +460,8 @@ def hf_layout(cfg: GPTConfig) -> list[tuple[str, list[tuple[str, tuple]], bool]]
             out += [(f"h.{i}.ln_1.weight", [(f"{p}input_layernorm.weight", (d,))], False),
                     (f"h.{i}.attn.c_attn.weight", [(f"{p}self_attn.q_proj.weight", (q, d)),
                                                    (f"{p}self_attn.k_proj.weight", (kv, d)),
-                                                   (f"{p}self_attn.v_proj.weight", (kv, d))], False),
+                                                   (f"{p}self_attn.v_proj.weight", (kv, d))],
+                     False),
                     (f"h.{i}.attn.c_proj.weight", [(f"{p}self_attn.o_proj.weight", (d, q))], False),
                     (f"h.{i}.ln_2.weight", [(f"{p}post_attention_layernorm.weight", (d,))], False),
                     (f"h.{i}.mlp.c_fc.weight", [(f"{p}mlp.gate_proj.weight", (inner, d)),
@@ -474,9 +496,10 @@ def _weight_files(path: Path) -> tuple[dict[str, Path], Path]:
 def load_hf_state(cfg: GPTConfig, path: Path, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """Read Hugging Face weights into our names, asserting every name and shape."""
     files, source = _weight_files(path)
-    bare = cfg.arch == "gpt2"  # some GPT-2 exports drop the "transformer." prefix: name them as transformers does
-    files = {("transformer." + k if bare and not k.startswith(("transformer.", "lm_head")) else k): (f, k)
-             for k, f in files.items()}  # HF name -> (file, name stored in it)
+    # some GPT-2 exports drop the "transformer." prefix: name them as transformers does
+    bare = cfg.arch == "gpt2"
+    files = {("transformer." + k if bare and not k.startswith(("transformer.", "lm_head")) else k):
+             (f, k) for k, f in files.items()}  # HF name -> (file, name stored in it)
     handles, state, used = {}, {}, set()
 
     def read(name):
@@ -492,17 +515,22 @@ def load_hf_state(cfg: GPTConfig, path: Path, dtype=torch.float32) -> dict[str, 
         tensors = []
         for name, shape in parts:
             if name not in files:
-                raise ValueError(f"{source}: missing weight {name!r} (expected shape {tuple(shape)})")
+                raise ValueError(f"{source}: missing weight {name!r} "
+                                 f"(expected shape {tuple(shape)})")
             t = read(name)
             if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{files[name][0]}: weight {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+                raise ValueError(f"{files[name][0]}: weight {name!r} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(shape)}")
             tensors.append(t.t() if transposed else t)
             used.add(name)
         state[ours] = torch.cat(tensors, dim=0).to(dtype).contiguous()
-    tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a tied head may be stored as a copy
-    extra = [k for k in files if k not in used and k not in tied_head and not k.endswith(IGNORED_SUFFIXES)]
+    # a tied head may be stored as a copy
+    tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    extra = [k for k in files
+             if k not in used and k not in tied_head and not k.endswith(IGNORED_SUFFIXES)]
     if extra:
-        raise ValueError(f"{source}: unexpected weights {sorted(extra)[:5]} for a {cfg.arch} model of this config")
+        raise ValueError(f"{source}: unexpected weights {sorted(extra)[:5]} for a {cfg.arch} "
+                         "model of this config")
     return state
 
 
