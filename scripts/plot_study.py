@@ -72,10 +72,10 @@ def main():
     except ImportError:
         sys.exit("error: matplotlib is not installed (pip install matplotlib)")
     study = Path(args.study)
-    path = study / args.split / "results.json"
-    if not path.exists():
-        sys.exit(f"error: {path}: no results (run scripts/study.py first)")
-    results = json.loads(path.read_text())
+    paths = sorted((study / args.split).glob("*.json"))
+    if not paths:
+        sys.exit(f"error: {study / args.split}: no results (run scripts/study.py first)")
+    results = [r for path in paths for r in json.loads(path.read_text())]
     Path(args.to).mkdir(parents=True, exist_ok=True)
     for task in dict.fromkeys(r["task"] for r in results):
         plot_task(plt, task, [r for r in results if r["task"] == task], study, args.split,

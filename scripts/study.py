@@ -14,7 +14,8 @@ Everything runs on a CPU with nothing to download. Per task (data.builtin_task):
     python scripts/study.py --tasks chain totals --seeds 0 1 2 3 4       # the 5-seed study
     python scripts/study.py --tune --tasks chain totals        # the dev grid the settings came from
 
-Tables go to <out>/results.md and results.json (scripts/plot_study.py draws them).
+Tables go to <out>/<split>/<task>.md and .json (scripts/plot_study.py draws them); wall time
+includes the warm-up unless it was already there.
 """
 import argparse
 import json
@@ -25,7 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
+from make_pairs import make_pairs  # noqa: E402
 from data import BUILTIN_FORMS, builtin_task, load_tokenizer  # noqa: E402
 from model import from_pretrained  # noqa: E402
 
@@ -40,6 +43,9 @@ def get_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one continuation of every method per seed, all from the same warm-up")
     p.add_argument("--methods", nargs="+", default=["sft", "bash", "rac"], choices=train.METHODS)
+    p.add_argument("--preference", action="store_true",
+                   help="also DPO after continued SFT, DPO after RAC (pairs: the reference vs "
+                        "the model's own wrong answer) and SPIN, per seed")
     p.add_argument("--eval-split", default="test", choices=("dev", "test"))
     p.add_argument("--tune", action="store_true",
                    help="score on dev a grid of continuation lr, BASH beta and RAC temperature")
@@ -154,6 +160,24 @@ def runs(args) -> list[tuple[str, dict]]:
     return grid + [("rac", {**base, "rac_temperature": t}) for t in (0.5, 1.0)]
 
 
+def preference_runs(folder: Path, data: dict, init: Path, seed_dir: Path, seed, settings,
+                    split) -> list[tuple[str, dict]]:
+    """The paper's table 4 and its SPIN baseline: DPO from the continued-SFT and from the RAC
+    checkpoint of this seed, on pairs (chosen = the reference, rejected = that checkpoint's own
+    sample with a wrong final answer); SPIN from the warm-up for the same number of epochs."""
+    out = []
+    for base in ("sft", "rac"):
+        ckpt = seed_dir / base / "checkpoint"
+        pairs = folder / "data" / f"pairs-{split}-{seed_dir.name}-{base}.jsonl"
+        counts = make_pairs(ckpt, data["train"], pairs, seed=seed)
+        res = continue_from(ckpt, {**data, "train": pairs}, seed_dir / f"dpo-after-{base}",
+                            "dpo", seed, settings, split)
+        out.append((f"dpo after {base}", {**res, "pairs": counts["pairs"]}))
+    out.append(("spin", continue_from(init, data, seed_dir / "spin", "spin", seed, settings,
+                                      split)))
+    return out
+
+
 def label(method, settings, args) -> str:
     if not args.tune:
         return method
@@ -188,29 +212,38 @@ COLUMNS = [("val loss", "val_loss", ".4f", 1), ("model-token share", "model_toke
 
 
 def table(task, results, seeds, split) -> str:
-    """Markdown: mean ± 95 % interval over seeds; Δ = accuracy minus continued SFT's, seed by
-    seed (paired: the same warm-up, seed and data order)."""
+    """Markdown: mean ± 95 % interval over seeds; Δ = accuracy minus continued SFT's (at the
+    learning rate of the last run), seed by seed (paired: the same warm-up, seed, data order)."""
     head = ["method", "accuracy %", "Δ vs SFT (points)"] + [c[0] for c in COLUMNS]
     lines = [f"**{task}**, seeds {seeds}, exact match on the {split} split; mean ± 95 % interval",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    sft = {r["seed"]: r["accuracy"] for r in results if r["label"] == "sft"}
+    sft = {r["seed"]: r["accuracy"] for r in results if r["method"] == "sft" and
+           r["label"] != "warm-up" and r["settings"]["lr"] == results[-1]["settings"]["lr"]}
     for name in dict.fromkeys(r["label"] for r in results):
         rs = [r for r in results if r["label"] == name]
         delta = [100 * (r["accuracy"] - sft[r["seed"]]) for r in rs if r["seed"] in sft]
         cells = [name, fmt([r["accuracy"] for r in rs], ".1f", 100),
-                 fmt(delta, "+.1f") if name not in ("sft", "warm-up") else "-"]
+                 fmt(delta, "+.1f") if rs[0]["method"] != "sft" else "-"]
         cells += [fmt([r[key] for r in rs if key in r], spec, interval=ci)
                   for _, key, spec, ci in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    after = {name: {r["seed"]: r["accuracy"] for r in results if r["label"] == name}
+             for name in ("dpo after sft", "dpo after rac")}
+    if all(after.values()):  # the paper's table 4: does DPO gain more on top of RAC than of SFT?
+        seeds_both = sorted(after["dpo after sft"].keys() & after["dpo after rac"].keys())
+        diff = [100 * (after["dpo after rac"][k] - after["dpo after sft"][k]) for k in seeds_both]
+        lines += ["", f"DPO after RAC minus DPO after SFT, seed by seed: {fmt(diff, '+.1f')} "
+                      "points"]
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = get_args(argv)
     split = "dev" if args.tune else args.eval_split
-    root, t0 = Path(args.out) / ("tune" if args.tune else split), time.perf_counter()
-    report, everything = [], []
+    root = Path(args.out) / ("tune" if args.tune else split)
+    root.mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
+        t0 = time.perf_counter()
         folder = Path(args.out) / task
         data = write_splits(folder / "data", task, args)
         init = warm_up(folder, data, args)
@@ -224,16 +257,19 @@ def main(argv=None):
                 res = continue_from(init, data, out, method, seed, settings, split)
                 results.append({"task": task, "label": name, "method": method, "seed": seed,
                                 "settings": settings, **res})
-        report.append(table(task, results, args.seeds, split))
-        everything += results
-    minutes = (time.perf_counter() - t0) / 60
-    text = "\n\n".join(report) + f"\n\nwall time {minutes:.1f} min\n"
-    print(text)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, body in (("results.md", text), ("results.json", json.dumps(everything, indent=1))):
-        tmp = root / (name + ".tmp")
-        tmp.write_text(body)
-        os.replace(tmp, root / name)
+            if args.preference:
+                base = runs(args)[0][1]
+                for name, res in preference_runs(folder, data, init, root / task / f"seed{seed}",
+                                                 seed, base, split):
+                    results.append({"task": task, "label": name, "method": name.split()[0],
+                                    "seed": seed, "settings": base, **res})
+        minutes = (time.perf_counter() - t0) / 60
+        text = table(task, results, args.seeds, split) + f"\n\nwall time {minutes:.1f} min\n"
+        print(text)
+        for name, body in ((f"{task}.md", text), (f"{task}.json", json.dumps(results, indent=1))):
+            tmp = root / (name + ".tmp")  # one file per task: tasks may run in parallel
+            tmp.write_text(body)
+            os.replace(tmp, root / name)
 
 
 if __name__ == "__main__":
