@@ -371,13 +371,13 @@ def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
 
 def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int,
                 overflow: str = "truncate", need_ref: bool = True) -> list[Row]:
-    ("""Encode and fit every row into max_len tokens: x ++ y, and (need_ref, for RAC) f(x, y) """
-     """plus one token.
+    """Encode and fit every row into max_len tokens: x ++ y, and (need_ref, for RAC) f(x, y)
+    plus one token.
 
     f(x, y) holds the reference y, so whenever x ++ y overflows it overflows
     too; "truncate" therefore cuts y inside f(x, y) as well, by the same rule
     as the response. A prompt x that leaves no room is always an error.
-    """)
+    """
     assert overflow in ("truncate", "fail"), \
         f"overflow must be 'truncate' or 'fail', got {overflow!r}"
     rows, cut = [], 0

@@ -1,7 +1,7 @@
 """Hand-written KV-cache sampling and the offline builders that are decode loops.
 
-generate():  batched prompts of different lengths, greedy / temperature / top-k / top-p, \
-stop at eos.
+generate():  batched prompts of different lengths, greedy / temperature / top-k / top-p,
+             stop at eos.
 bash_mix():  Batch-Scheduled Sampling's mixed responses (Eq. 4), a decode loop with a coin per step.
 rac_labels(): Reference-Answer-based Correction's labels (Eq. 6): sample z, then one teacher-forced
              pass over f(x, y) ++ z.
@@ -44,13 +44,13 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 
 def left_pad(prompts, S, device):
-    ("""Left-pad token lists into one batch whose rows end together, in a window of S columns.
+    """Left-pad token lists into one batch whose rows end together, in a window of S columns.
 
     Returns idx (B, P); pos (B, S), each column's position, 0 at a row's first real token;
     real (B, S), which columns hold real tokens; mask (B, 1, P, S), what each of the P prompt
-    columns may read: causal over real tokens, and a padding column itself, so no softmax row """
-     """is empty.
-    """)
+    columns may read: causal over real tokens, and a padding column itself, so no softmax row
+    is empty.
+    """
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([P - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)

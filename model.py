@@ -199,17 +199,17 @@ class GPT(nn.Module):
 
     def forward(self, idx, pos=None, cache=None, cols=None, mask=None, last_n=None, noise_alpha=0.0,
                 head=True):
-        ("""idx (B, T) token ids -> logits (B, T, vocab), or (B, last_n, vocab) for the last """
-         """positions only.
+        """idx (B, T) token ids -> logits (B, T, vocab), or (B, last_n, vocab) for the last
+        positions only.
 
         pos (B, T): each token's position (default 0..T-1; left-padded rows start later).
         cache, cols (T,), mask (B, 1, T, cache length): decoding through a KVCache, writing the new
         keys/values at columns `cols`; mask says which cache columns each query may read.
-        noise_alpha: NEFTune, uniform noise of size alpha / sqrt(T * d) on the embeddings, """
-         """training only.
+        noise_alpha: NEFTune, uniform noise of size alpha / sqrt(T * d) on the embeddings,
+        training only.
         head=False: the final normalised hidden states (B, T or last_n, d) instead of logits, for a
         caller that needs the logits of some rows only and applies lm_head to those.
-        """)
+        """
         B, T = idx.shape
         x = self.wte(idx)
         if noise_alpha > 0 and self.training:
