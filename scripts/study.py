@@ -51,7 +51,7 @@ def get_args(argv=None):
                    help="score on dev a grid of continuation lr, BASH beta and RAC temperature")
     p.add_argument("--out", default="out/study")
     g = p.add_argument_group("data")
-    g.add_argument("--train-size", type=int, default=3000)
+    g.add_argument("--train-size", type=int, default=2000)
     g.add_argument("--dev-size", type=int, default=500)
     g.add_argument("--test-size", type=int, default=1000)
     g.add_argument("--terms", type=int, nargs=2, default=[4, 7], help="numbers per problem")
