@@ -19,12 +19,16 @@ def read_log(path: Path) -> list[dict]:
 
 def plot_task(plt, task, results, study: Path, split, to: Path):
     fig, (warm, cont, acc) = plt.subplots(1, 3, figsize=(15, 4.2))
-    log = read_log(study / task / "warmup" / "log.jsonl")
+    log, offset = [], 0
+    for folder in sorted((study / task).glob("warmup*"), key=lambda p: int(p.name[7:] or 1)):
+        part = read_log(folder / "log.jsonl")  # the rounds of the warm-up, one after the other
+        log += [{**r, "step": r["step"] + offset} for r in part]
+        offset = max([r["step"] for r in log] or [0])
     steps = [r for r in log if "loss" in r]
     warm.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, label="train loss")
     warm.set_yscale("log")
     warm.set_xlabel("step")
-    warm.set_title(f"{task}: SFT warm-up from scratch")
+    warm.set_title(f"{task}: SFT warm-up from scratch, to its plateau")
     evals = [r for r in log if "accuracy" in r]
     dev = warm.twinx()
     dev.plot([r["step"] for r in evals], [100 * r["accuracy"] for r in evals], "o-", c="C3",

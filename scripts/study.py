@@ -2,10 +2,10 @@
 
 Everything runs on a CPU with nothing to download. Per task (data.builtin_task):
   1. train / dev / test splits of arithmetic chains, no prompt in two splits;
-  2. one warm-up: a small model trained from scratch with SFT until the dev accuracy stops
-     improving (the per-epoch dev evaluations in <out>/<task>/warmup/log.jsonl show the plateau),
-     on the training rows and on the reference rows f(x, y) -> y, so that the model has learnt to
-     use a reference answer, which RAC's labels need;
+  2. one warm-up: a small model trained from scratch with SFT, in rounds, until a round no
+     longer raises the dev accuracy (the per-epoch dev evaluations in <out>/<task>/warmup*/
+     log.jsonl show the plateau), on the training rows and on the reference rows f(x, y) -> y,
+     so that the model has learnt to use a reference answer, which RAC's labels need;
   3. from that one checkpoint, each method continues for the same number of steps, once per seed:
      continued SFT, BASH (J_SFT + J_BASH), RAC (J_SFT + J_RAC); scored by exact match of the
      final answer (greedy) on the test split, or on dev with --eval-split dev (for --tune).
@@ -57,8 +57,13 @@ def get_args(argv=None):
     g.add_argument("--terms", type=int, nargs=2, default=[4, 7], help="numbers per problem")
     g.add_argument("--digits", type=int, default=1, help="digits per number")
     g = p.add_argument_group("warm-up (SFT from scratch)")
-    g.add_argument("--warmup-epochs", type=float, default=8.0)
-    g.add_argument("--warmup-lr", type=float, default=2e-3)
+    g.add_argument("--warmup-epochs", type=float, default=8.0, help="the first round")
+    g.add_argument("--warmup-lr", type=float, default=2e-3, help="the first round's peak lr")
+    g.add_argument("--round-epochs", type=float, default=2.0,
+                   help="each further round, at a quarter of --warmup-lr")
+    g.add_argument("--plateau", type=float, default=1.0,
+                   help="stop when a round raises the dev accuracy by fewer points than this")
+    g.add_argument("--max-rounds", type=int, default=6)
     g = p.add_argument_group("continuation (the same for every method)")
     g.add_argument("--epochs", type=float, default=1.0, help="epochs of each continuation")
     g.add_argument("--iterations", type=int, default=1, help="H, offline sets per continuation")
@@ -107,23 +112,43 @@ def common(data: dict, eval_split: str, out: Path, *extra) -> list[str]:
 
 
 def warm_up(folder: Path, data: dict, args) -> Path:
-    """SFT from scratch, evaluated on dev after every epoch; reused while its settings hold."""
-    out = folder / "warmup"
-    settings = {"epochs": args.warmup_epochs, "lr": args.warmup_lr, "train": args.train_size,
+    """SFT from scratch for --warmup-epochs, then rounds of --round-epochs more at a quarter of
+    the learning rate, each from the last checkpoint, until a round raises the dev accuracy by
+    less than --plateau points: the plateau, in the logs of warmup, warmup-2, ... Returns the
+    last round's checkpoint. Finished rounds are reused; an interrupted one resumes."""
+    init, last = "scratch", None
+    for k in range(1, args.max_rounds + 1):
+        out = folder / ("warmup" if k == 1 else f"warmup-{k}")
+        epochs, lr = ((args.warmup_epochs, args.warmup_lr) if k == 1
+                      else (args.round_epochs, args.warmup_lr / 4))
+        accuracy = sft_round(out, init, data, epochs, lr, args)
+        print(f"{folder.name}: warm-up round {k}, dev accuracy {100 * accuracy:.1f} %", flush=True)
+        if last is not None and accuracy - last < args.plateau / 100:
+            break
+        init, last = out / "checkpoint", accuracy
+    return out / "checkpoint"
+
+
+def sft_round(out: Path, init, data: dict, epochs, lr, args) -> float:
+    """One round of the warm-up (SFT on the training and reference rows, evaluated on dev and
+    saved every epoch); returns its last dev accuracy."""
+    settings = {"init": str(init), "epochs": epochs, "lr": lr, "train": args.train_size,
                 "terms": args.terms, "digits": args.digits}
     done = out / "settings.json"
-    if done.exists() and json.loads(done.read_text()) == settings:
-        print(f"{folder.name}: reusing the warm-up in {out}", flush=True)
-        return out / "checkpoint"
-    shutil.rmtree(out, ignore_errors=True)
-    per_epoch = train.steps_per_epoch(2 * args.train_size, 64)
-    argv = common({**data, "train": data["warmup"]}, "dev", out, "--init", "scratch",
-                  "--method", "sft", "--iter-epochs", args.warmup_epochs, "--lr", args.warmup_lr,
-                  "--eval-every", per_epoch, "--seed", 0)
-    print(f"{folder.name}: SFT warm-up from scratch, {args.warmup_epochs} epochs", flush=True)
-    train.run(train.get_args(argv))
-    done.write_text(json.dumps(settings))
-    return out / "checkpoint"
+    if not (done.exists() and json.loads(done.read_text()) == settings):
+        per_epoch = train.steps_per_epoch(2 * args.train_size, 64)
+        again = (out / "log.jsonl").exists() and not done.exists()  # interrupted: resume it
+        if not again:
+            shutil.rmtree(out, ignore_errors=True)
+        argv = common({**data, "train": data["warmup"]}, "dev", out, "--init", init,
+                      "--method", "sft", "--iter-epochs", epochs, "--lr", lr, "--seed", 0,
+                      "--eval-every", per_epoch, "--save-every", per_epoch,
+                      *(["--resume"] if again else []))
+        print(f"{out}: SFT, {epochs} epochs at lr {lr:g} from {init}", flush=True)
+        train.run(train.get_args(argv))
+        done.write_text(json.dumps(settings))
+    evals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in evals if "accuracy" in r][-1]["accuracy"]
 
 
 def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eval_split):
