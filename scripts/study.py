@@ -262,6 +262,18 @@ def table(task, results, seeds, split) -> str:
     return "\n".join(lines)
 
 
+def save(root: Path, task, results, seeds, split, t0) -> str:
+    """The task's table and results, rewritten after every run: an interrupted study keeps what
+    it measured (one file per task: tasks may run in parallel)."""
+    text = table(task, results, seeds, split)
+    text += f"\n\nwall time {(time.perf_counter() - t0) / 60:.1f} min\n"
+    for name, body in ((f"{task}.md", text), (f"{task}.json", json.dumps(results, indent=1))):
+        tmp = root / (name + ".tmp")
+        tmp.write_text(body)
+        os.replace(tmp, root / name)
+    return text
+
+
 def main(argv=None):
     args = get_args(argv)
     split = "dev" if args.tune else args.eval_split
@@ -282,19 +294,15 @@ def main(argv=None):
                 res = continue_from(init, data, out, method, seed, settings, split)
                 results.append({"task": task, "label": name, "method": method, "seed": seed,
                                 "settings": settings, **res})
-            if args.preference:
-                base = runs(args)[0][1]
-                for name, res in preference_runs(folder, data, init, root / task / f"seed{seed}",
-                                                 seed, base, split):
-                    results.append({"task": task, "label": name, "method": name.split()[0],
-                                    "seed": seed, "settings": base, **res})
-        minutes = (time.perf_counter() - t0) / 60
-        text = table(task, results, args.seeds, split) + f"\n\nwall time {minutes:.1f} min\n"
-        print(text)
-        for name, body in ((f"{task}.md", text), (f"{task}.json", json.dumps(results, indent=1))):
-            tmp = root / (name + ".tmp")  # one file per task: tasks may run in parallel
-            tmp.write_text(body)
-            os.replace(tmp, root / name)
+                save(root, task, results, args.seeds, split, t0)
+        for seed in args.seeds if args.preference else []:  # after every seed of the methods
+            base = runs(args)[0][1]
+            for name, res in preference_runs(folder, data, init, root / task / f"seed{seed}",
+                                             seed, base, split):
+                results.append({"task": task, "label": name, "method": name.split()[0],
+                                "seed": seed, "settings": base, **res})
+                save(root, task, results, args.seeds, split, t0)
+        print(save(root, task, results, args.seeds, split, t0))
 
 
 if __name__ == "__main__":
