@@ -67,10 +67,12 @@ def get_args(argv=None):
     g = p.add_argument_group("continuation (the same for every method)")
     g.add_argument("--epochs", type=float, default=1.0, help="epochs of each continuation")
     g.add_argument("--iterations", type=int, default=1, help="H, offline sets per continuation")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    g.add_argument("--beta", type=float, default=0.2, help="BASH: share of the model's tokens")
+    g.add_argument("--lr", type=float, default=3e-5,
+                   help="peak learning rate (picked on chain's dev split, see README)")
+    g.add_argument("--beta", type=float, default=0.1,
+                   help="BASH: share of the model's tokens (picked on chain's dev split)")
     g.add_argument("--rac-temperature", type=float, default=1.0,
-                   help="RAC: temperature of the sampled z")
+                   help="RAC: temperature of the sampled z (picked on chain's dev split)")
     return p.parse_args(argv)
 
 
@@ -181,8 +183,8 @@ def runs(args) -> list[tuple[str, dict]]:
     if not args.tune:
         return [(m, base) for m in args.methods]
     grid = [("sft", {**base, "lr": lr}) for lr in (3e-5, 1e-4, 3e-4)]
-    grid += [("bash", {**base, "beta": b}) for b in (0.1, 0.2, 0.4)]
-    return grid + [("rac", {**base, "rac_temperature": t}) for t in (0.5, 1.0)]
+    grid += [("bash", {**base, "lr": 1e-4, "beta": b}) for b in (0.1, 0.2, 0.4)]
+    return grid + [("rac", {**base, "lr": 1e-4, "rac_temperature": t}) for t in (0.5, 1.0)]
 
 
 def preference_runs(folder: Path, data: dict, init: Path, seed_dir: Path, seed, settings,
