@@ -39,9 +39,10 @@ def plot_task(plt, task, results, study: Path, split, to: Path):
     labels = list(dict.fromkeys(r["label"] for r in results if r["label"] != "warm-up"))
     seed = min(r["seed"] for r in results)
     for name in labels:
-        folder = name.replace(" ", "").replace("=", "")
-        rec = [r for r in read_log(study / split / task / f"seed{seed}" / folder / "log.jsonl")
-               if "loss" in r]
+        seed_dir = study / split / task / f"seed{seed}"
+        folder = next((f for f in (name.replace(" ", "").replace("=", ""), name.replace(" ", "-"))
+                       if (seed_dir / f).exists()), name)  # the study's folder names
+        rec = [r for r in read_log(seed_dir / folder / "log.jsonl") if "loss" in r]
         cont.plot([r["step"] for r in rec], [r["loss"] for r in rec], lw=0.8, label=name)
     cont.set_xlabel("step of the continuation")
     cont.set_title(f"training loss J after the warm-up (seed {seed})")
@@ -51,6 +52,7 @@ def plot_task(plt, task, results, study: Path, split, to: Path):
     stats = [mean_ci([100 * r["accuracy"] for r in results if r["label"] == n]) for n in names]
     acc.bar(names, [m for m, _ in stats], yerr=[h or 0 for _, h in stats], capsize=6,
             color=["0.6"] + [f"C{i}" for i in range(len(labels))])
+    acc.tick_params(axis="x", labelrotation=20)
     low = min(m - (h or 0) for m, h in stats)
     acc.set_ylim(max(0, low - 5), min(100, max(m + (h or 0) for m, h in stats) + 3))
     acc.set_ylabel(f"{split} accuracy %")
