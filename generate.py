@@ -51,7 +51,7 @@ def left_pad(prompts, S, device):
     columns may read: causal over real tokens, and a padding column itself, so no softmax row
     is empty.
     """
-    B, P = len(prompts), max(len(p) for p in prompts)
+    P = max(len(p) for p in prompts)
     pad = torch.tensor([P - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)
     cols = torch.arange(S, device=device)
