@@ -224,7 +224,7 @@ def load_rows(path, tok, task, max_len, overflow, need_ref, pairs=False):
         raise DataError(f"{path}: {e}") from None
 
 
-def make_optimizer(model, args, device):
+def make_optimizer(model, args):
     """AdamW; weight decay on matrices only, not on biases and norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
@@ -763,7 +763,7 @@ def start(args) -> Run:
     if args.compile:
         model = torch.compile(model)
     out = Path(args.out or f"out/{args.method}")
-    opt, settings = make_optimizer(raw, args, device), run_settings(args, tok, raw)
+    opt, settings = make_optimizer(raw, args), run_settings(args, tok, raw)
     lock, made, failed = None, None, None
     if rank == 0:  # only rank 0 writes; the others hear whether it could claim the folder
         try:

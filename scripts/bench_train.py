@@ -212,7 +212,7 @@ def main():
         with mem.phase(f"train step {name}"):
             hf = name == "transformers"
             model = (load_hf() if hf else load_ours()).train()
-            opt = make_optimizer(model, opt_args(args), device)
+            opt = make_optimizer(model, opt_args(args))
             fwd = torch.compile(model) if args.compile and not hf else model
             t = timed(lambda: lm_step(fwd, opt, x, y, m, device, args.grad_clip, hf), args.repeats)
             tok_s[name] = n_tok / t
@@ -269,7 +269,7 @@ def main():
     print(f"\n3-5. one global batch of {B} random rows: {P}-token prompts x, {L}-token references y; "
           f"training micro-batch {mb}; mixing and RAC building are one decode batch of {B}; beta {args.beta}")
     raw = load_ours()
-    opt = make_optimizer(raw, opt_args(args), device)
+    opt = make_optimizer(raw, opt_args(args))
     model = torch.compile(raw) if args.compile else raw
     train_kw = dict(micro_batch=mb, device=device, grad_clip=args.grad_clip)
     # one SFT step outside any memory phase, so AdamW's state exists before every phase below and each

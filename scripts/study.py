@@ -14,6 +14,11 @@ Everything runs on a CPU with nothing to download. Per task (data.builtin_task):
     python scripts/study.py --tasks chain totals --seeds 0 1 2 3 4       # the 5-seed study
     python scripts/study.py --tune --tasks chain totals        # the dev grid the settings came from
 
+With --init a pretrained checkpoint (scripts/fetch_smollm2.py writes SmolLM2-135M-Instruct), the
+warm-up is SFT from it instead of from nothing, and the table opens with the checkpoint's own
+score; --tasks gsm takes the GSM-style splits of scripts/make_gsm.py instead of arithmetic (the
+README's "A real pretrained model" has the commands and sizes).
+
 Tables go to <out>/<split>/<task>.md and .json (scripts/plot_study.py draws them); wall time
 includes the warm-up unless it was already there.
 """
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 from make_pairs import make_pairs  # noqa: E402
 from data import BUILTIN_FORMS, builtin_task, load_tokenizer  # noqa: E402
+from generate import device_name, positive_int  # noqa: E402
 from model import from_pretrained  # noqa: E402
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -39,7 +45,14 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["chain"], choices=BUILTIN_FORMS)
+    p.add_argument("--tasks", nargs="+", default=["chain"], choices=BUILTIN_FORMS + ("gsm",),
+                   help="built-in arithmetic (chain, totals), or gsm: the GSM-style math splits "
+                        "of scripts/make_gsm.py in --gsm-dir, with the paper's math template")
+    p.add_argument("--init", default="scratch",
+                   help="scratch: a small model from nothing; or a pretrained checkpoint folder "
+                        "(scripts/fetch_smollm2.py writes one) that the warm-up starts from")
+    p.add_argument("--gsm-dir", default=str(Path(__file__).resolve().parent.parent / "assets"
+                                            / "gsm"), help="train/dev/test.jsonl of --tasks gsm")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one continuation of every method per seed, all from the same warm-up")
     p.add_argument("--methods", nargs="+", default=["sft", "bash", "rac"], choices=train.METHODS)
@@ -50,13 +63,21 @@ def get_args(argv=None):
     p.add_argument("--tune", action="store_true",
                    help="score on dev a grid of continuation lr, BASH beta and RAC temperature")
     p.add_argument("--out", default="out/study")
+    p.add_argument("--device", type=device_name, default="cpu",
+                   help="cpu (the numbers in the README), or cuda for the full-size GSM study")
     g = p.add_argument_group("data")
     g.add_argument("--train-size", type=int, default=2000)
     g.add_argument("--dev-size", type=int, default=500)
     g.add_argument("--test-size", type=int, default=1000)
     g.add_argument("--terms", type=int, nargs=2, default=[4, 7], help="numbers per problem")
     g.add_argument("--digits", type=int, default=1, help="digits per number")
-    g = p.add_argument_group("warm-up (SFT from scratch)")
+    g = p.add_argument_group("batches and decoding (every run)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="rows per optimizer step")
+    g.add_argument("--micro-batch-size", type=positive_int, default=64,
+                   help="rows per forward/backward (fewer: less padding on rows of mixed length)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="cap on generated answers and RAC's z (default: longest reference + 16)")
+    g = p.add_argument_group("warm-up (SFT from --init)")
     g.add_argument("--warmup-epochs", type=float, default=8.0, help="the first round")
     g.add_argument("--warmup-lr", type=float, default=2e-3, help="the first round's peak lr")
     g.add_argument("--round-epochs", type=float, default=2.0,
@@ -88,8 +109,12 @@ def write_jsonl(path: Path, rows):
 
 def write_splits(folder: Path, form, args) -> dict:
     """train / dev / test JSONL with no prompt in two splits, and warmup.jsonl: the training
-    rows plus the reference rows f(x, y) -> y (f is data.py's arith template, 'ref {y}\\n{x}')."""
+    rows plus, for the built-in tasks, the reference rows f(x, y) -> y (f is data.py's arith
+    template, 'ref {y}\\n{x}', a format no model knows; GSM's f(x, y) is the paper's chat prompt
+    with the reference, which an instruct model reads as it is)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if form == "gsm":
+        return gsm_splits(folder, args)
     draw = lambda n, seed: builtin_task(n, seed, tuple(args.terms), args.digits, form)  # noqa: E731
     seen, splits = set(), {}
     for name, n, seed in (("train", args.train_size, 1234), ("dev", args.dev_size, 5678),
@@ -104,13 +129,31 @@ def write_splits(folder: Path, form, args) -> dict:
     for name, rows in splits.items():
         paths[name] = folder / f"{name}.jsonl"
         write_jsonl(paths[name], rows)
-    return paths
+    return {**paths, "template": "arith"}
 
 
-def common(data: dict, eval_split: str, out: Path, *extra) -> list[str]:
-    return ["--data", str(data["train"]), "--eval-data", str(data[eval_split]), "--task", "arith",
-            "--overflow", "fail", "--batch-size", "64", "--micro-batch-size", "64",
-            "--device", "cpu", "--out", str(out), *map(str, extra)]
+def gsm_splits(folder: Path, args) -> dict:
+    """The first --train/--dev/--test-size problems of make_gsm.py's splits (already disjoint)."""
+    paths = {}
+    for name, n in (("train", args.train_size), ("dev", args.dev_size), ("test", args.test_size)):
+        source = Path(args.gsm_dir) / f"{name}.jsonl"
+        if not source.is_file():
+            sys.exit(f"error: {source}: missing; run python scripts/make_gsm.py")
+        lines = source.read_text().splitlines()
+        if len(lines) < n:
+            sys.exit(f"error: --{name}-size {n}: {source} has {len(lines)} problems")
+        paths[name] = folder / f"{name}.jsonl"
+        write_jsonl(paths[name], [json.loads(line) for line in lines[:n]])
+    return {**paths, "warmup": paths["train"], "template": "math"}
+
+
+def common(data: dict, eval_split: str, out: Path, args, *extra) -> list[str]:
+    cap = ["--eval-max-new-tokens", args.max_new_tokens, "--rac-max-new-tokens",
+           args.max_new_tokens, "--spin-max-new-tokens", args.max_new_tokens]
+    return ["--data", str(data["train"]), "--eval-data", str(data[eval_split]),
+            "--task", data["template"], "--overflow", "fail", "--batch-size", str(args.batch_size),
+            "--micro-batch-size", str(args.micro_batch_size), "--device", args.device,
+            "--out", str(out), *map(str, extra), *(map(str, cap) if args.max_new_tokens else [])]
 
 
 def warm_up(folder: Path, data: dict, args) -> Path:
@@ -118,7 +161,7 @@ def warm_up(folder: Path, data: dict, args) -> Path:
     the learning rate, each from the last checkpoint, until a round raises the dev accuracy by
     less than --plateau points: the plateau, in the logs of warmup, warmup-2, ... Returns the
     last round's checkpoint. Finished rounds are reused; an interrupted one resumes."""
-    init, last = "scratch", None
+    init, last = args.init, None
     for k in range(1, args.max_rounds + 1):
         out = folder / ("warmup" if k == 1 else f"warmup-{k}")
         epochs, lr = ((args.warmup_epochs, args.warmup_lr) if k == 1
@@ -135,14 +178,15 @@ def sft_round(out: Path, init, data: dict, epochs, lr, args) -> float:
     """One round of the warm-up (SFT on the training and reference rows, evaluated on dev and
     saved every epoch); returns its last dev accuracy."""
     settings = {"init": str(init), "epochs": epochs, "lr": lr, "train": args.train_size,
-                "terms": args.terms, "digits": args.digits}
+                "terms": args.terms, "digits": args.digits, "batch": args.batch_size}
     done = out / "settings.json"
     if not (done.exists() and json.loads(done.read_text()) == settings):
-        per_epoch = train.steps_per_epoch(2 * args.train_size, 64)
+        rows = len(data["warmup"].read_text().splitlines())
+        per_epoch = train.steps_per_epoch(rows, args.batch_size)
         again = (out / "log.jsonl").exists() and not done.exists()  # interrupted: resume it
         if not again:
             shutil.rmtree(out, ignore_errors=True)
-        argv = common({**data, "train": data["warmup"]}, "dev", out, "--init", init,
+        argv = common({**data, "train": data["warmup"]}, "dev", out, args, "--init", init,
                       "--method", "sft", "--iter-epochs", epochs, "--lr", lr, "--seed", 0,
                       "--eval-every", per_epoch, "--save-every", per_epoch,
                       *(["--resume"] if again else []))
@@ -153,10 +197,10 @@ def sft_round(out: Path, init, data: dict, epochs, lr, args) -> float:
     return [r for r in evals if "accuracy" in r][-1]["accuracy"]
 
 
-def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eval_split):
+def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eval_split, args):
     """One method's continuation from the warm-up; returns train.run's result."""
     shutil.rmtree(out, ignore_errors=True)  # the study's own folder: a rerun starts it afresh
-    argv = common(data, eval_split, out, "--init", init, "--method", method, "--seed", seed,
+    argv = common(data, eval_split, out, args, "--init", init, "--method", method, "--seed", seed,
                   "--lr", settings["lr"], "--iterations", settings["iterations"],
                   "--iter-epochs", settings["epochs"] / settings["iterations"],
                   "--beta", settings["beta"], "--rac-temperature", settings["rac_temperature"])
@@ -164,11 +208,12 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
     return {k: v for k, v in res.items() if k != "sample"}
 
 
-def evaluate_checkpoint(init: Path, path: Path) -> dict:
-    """What every continuation starts from, scored like them."""
-    tok, model = load_tokenizer(init), from_pretrained(init)
-    rows, _ = train.load_rows(path, tok, "arith", model.config.block_size, "fail", False)
-    res = train.evaluate(model, rows, tok, "arith", 64, 256)
+def evaluate_checkpoint(init: Path, data: dict, split: str, args) -> dict:
+    """A checkpoint the continuations start from (or the pretrained one), scored like them."""
+    tok, model = load_tokenizer(init), from_pretrained(init, device=args.device)
+    task = data["template"]
+    rows, _ = train.load_rows(data[split], tok, task, model.config.block_size, "fail", False)
+    res = train.evaluate(model, rows, tok, task, args.micro_batch_size, 256, args.max_new_tokens)
     return {k: v for k, v in res.items() if k != "sample"}
 
 
@@ -188,7 +233,7 @@ def runs(args) -> list[tuple[str, dict]]:
 
 
 def preference_runs(folder: Path, data: dict, init: Path, seed_dir: Path, seed, settings,
-                    split) -> list[tuple[str, dict]]:
+                    split, args) -> list[tuple[str, dict]]:
     """The paper's table 4 and its SPIN baseline: DPO from the continued-SFT and from the RAC
     checkpoint of this seed, on pairs (chosen = the reference, rejected = that checkpoint's own
     sample with a wrong final answer); SPIN from the warm-up for the same number of epochs."""
@@ -196,12 +241,13 @@ def preference_runs(folder: Path, data: dict, init: Path, seed_dir: Path, seed, 
     for base in ("sft", "rac"):
         ckpt = seed_dir / base / "checkpoint"
         pairs = folder / "data" / f"pairs-{split}-{seed_dir.name}-{base}.jsonl"
-        counts = make_pairs(ckpt, data["train"], pairs, seed=seed)
+        counts = make_pairs(ckpt, data["train"], pairs, seed=seed, task=data["template"],
+                            device=args.device)
         res = continue_from(ckpt, {**data, "train": pairs}, seed_dir / f"dpo-after-{base}",
-                            "dpo", seed, settings, split)
+                            "dpo", seed, settings, split, args)
         out.append((f"dpo after {base}", {**res, "pairs": counts["pairs"]}))
     out.append(("spin", continue_from(init, data, seed_dir / "spin", "spin", seed, settings,
-                                      split)))
+                                      split, args)))
     return out
 
 
@@ -250,7 +296,7 @@ def table(task, results, seeds, split) -> str:
         rs = [r for r in results if r["label"] == name]
         delta = [100 * (r["accuracy"] - sft[r["seed"]]) for r in rs if r["seed"] in sft]
         cells = [name, fmt([r["accuracy"] for r in rs], ".1f", 100),
-                 fmt(delta, "+.1f") if rs[0]["method"] != "sft" else "-"]
+                 fmt(delta, "+.1f") if rs[0]["method"] not in ("sft", "none") else "-"]
         cells += [fmt([r[key] for r in rs if key in r], spec, interval=ci)
                   for _, key, spec, ci in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -285,22 +331,25 @@ def main(argv=None):
         t0 = time.perf_counter()
         folder = Path(args.out) / task
         data = write_splits(folder / "data", task, args)
+        results = [] if args.init == "scratch" else [
+            {"task": task, "label": "pretrained", "method": "none", "seed": 0,
+             **evaluate_checkpoint(Path(args.init), data, split, args)}]
         init = warm_up(folder, data, args)
-        results = [{"task": task, "label": "warm-up", "method": "sft", "seed": 0,
-                    **evaluate_checkpoint(init, data[split])}]
+        results.append({"task": task, "label": "warm-up", "method": "sft", "seed": 0,
+                        **evaluate_checkpoint(init, data, split, args)})
         for seed in args.seeds:
             for method, settings in runs(args):
                 name = label(method, settings, args)
                 print(f"{task}: {name}, seed {seed}", flush=True)
                 out = root / task / f"seed{seed}" / name.replace(" ", "").replace("=", "")
-                res = continue_from(init, data, out, method, seed, settings, split)
+                res = continue_from(init, data, out, method, seed, settings, split, args)
                 results.append({"task": task, "label": name, "method": method, "seed": seed,
                                 "settings": settings, **res})
                 save(root, task, results, args.seeds, split, t0)
         for seed in args.seeds if args.preference else []:  # after every seed of the methods
             base = runs(args)[0][1]
             for name, res in preference_runs(folder, data, init, root / task / f"seed{seed}",
-                                             seed, base, split):
+                                             seed, base, split, args):
                 results.append({"task": task, "label": name, "method": name.split()[0],
                                 "seed": seed, "settings": base, **res})
                 save(root, task, results, args.seeds, split, t0)

@@ -1,0 +1,103 @@
+"""scripts/study.py end to end on tiny models: from scratch on the built-in task, and from a
+pretrained checkpoint on GSM-style files (the real-model study's path), each in a few seconds."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import study  # noqa: E402
+import train  # noqa: E402
+from data import load_tokenizer  # noqa: E402
+from model import from_pretrained  # noqa: E402
+
+TINY_SIZES = ["--batch-size", "4", "--micro-batch-size", "2", "--warmup-epochs", "1",
+              "--max-rounds", "1", "--seeds", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def gsm_dir(folder: Path) -> Path:
+    """train/dev/test.jsonl in make_gsm.py's shape: {question, answer ending in '#### N'}."""
+    folder.mkdir()
+    for name, base in (("train", 0), ("dev", 100), ("test", 200)):
+        rows = [{"question": f"Tom has {a} apples and gets {a % 7} more. How many now?",
+                 "answer": f"{a}+{a % 7}={a + a % 7}\n#### {a + a % 7}"}
+                for a in range(base, base + 10)]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def pretrained(tmp_path: Path, gsm: Path) -> Path:
+    """A tiny model trained a few steps on the GSM rows: a checkpoint folder like any --init."""
+    out = tmp_path / "pre"
+    train.run(train.get_args([
+        "--init", "scratch", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size",
+        "512", "--data", str(gsm / "train.jsonl"), "--task", "math", "--batch-size", "4",
+        "--micro-batch-size", "4", "--iter-epochs", "1", "--device", "cpu", "--out", str(out)]))
+    return out / "checkpoint"
+
+
+def test_gsm_from_a_pretrained_checkpoint(tmp_path):
+    gsm = gsm_dir(tmp_path / "gsm")
+    init = pretrained(tmp_path, gsm)
+    out = tmp_path / "study"
+    study.main(["--init", str(init), "--tasks", "gsm", "--gsm-dir", str(gsm), "--train-size",
+                "8", "--dev-size", "4", "--test-size", "6", "--max-new-tokens", "8",
+                "--out", str(out), *TINY_SIZES])
+
+    # the first n problems of each split, and no reference rows in the warm-up's data
+    for name, n in (("train", 8), ("dev", 4), ("test", 6)):
+        copied = (out / "gsm" / "data" / f"{name}.jsonl").read_text().splitlines()
+        assert copied == (gsm / f"{name}.jsonl").read_text().splitlines()[:n]
+    assert not (out / "gsm" / "data" / "warmup.jsonl").exists()
+    warm = json.loads((out / "gsm" / "warmup" / "settings.json").read_text())
+    assert warm["init"] == str(init) and warm["epochs"] == 1.0
+
+    results = json.loads((out / "test" / "gsm.json").read_text())
+    assert [r["label"] for r in results] == ["pretrained", "warm-up", "sft", "bash", "rac"]
+    # the first row is the checkpoint itself, scored with the math template on the test split
+    tok, model = load_tokenizer(init), from_pretrained(init)
+    rows, _ = train.load_rows(out / "gsm" / "data" / "test.jsonl", tok, "math",
+                              model.config.block_size, "fail", False)
+    direct = train.evaluate(model, rows, tok, "math", 2, 256, 8)
+    assert results[0]["val_loss"] == pytest.approx(direct["val_loss"], rel=1e-5)
+    assert results[0]["accuracy"] == direct["accuracy"]
+    assert results[1]["val_loss"] != pytest.approx(results[0]["val_loss"], rel=1e-3)  # trained
+    # every continuation ran with the study's template, batches and cap, from the warm-up
+    for r, method in zip(results[2:], ("sft", "bash", "rac")):
+        run = json.loads((out / "test" / "gsm" / "seed0" / method / "checkpoint" / "run.json")
+                         .read_text())["settings"]
+        assert (run["method"], run["task"], run["micro_batch_size"], run["rac_max_new_tokens"]) \
+            == (method, "math", 2, 8)
+        assert r["steps"] == 2  # 8 rows, batch 4, one epoch
+    table = (out / "test" / "gsm.md").read_text()
+    assert "| pretrained |" in table and "| rac |" in table
+
+
+def test_chain_from_scratch_writes_reference_rows(tmp_path):
+    out = tmp_path / "study"
+    study.main(["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
+                "--methods", "sft", "--out", str(out), *TINY_SIZES])
+    data_dir = out / "chain" / "data"
+    train_rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    warmup = [json.loads(line) for line in (data_dir / "warmup.jsonl").read_text().splitlines()]
+    # f(x, y) -> y for every training row, after the rows themselves
+    assert warmup == train_rows + [{"prompt": f"ref {r['response']}\n{r['prompt']}",
+                                    "response": r["response"]} for r in train_rows]
+    prompts = [set(json.loads(line)["prompt"] for line in (data_dir / f"{n}.jsonl").read_text()
+                   .splitlines()) for n in ("train", "dev", "test")]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    results = json.loads((out / "test" / "chain.json").read_text())
+    assert [r["label"] for r in results] == ["warm-up", "sft"]  # no pretrained row from scratch
