@@ -130,6 +130,9 @@ def get_args(argv=None):
                    help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="training forwards: auto = bf16 autocast on CUDA, fp32 on a CPU; bf16 "
+                        "on a CPU with bf16 instructions is about 2x faster (decoding stays fp32)")
     g.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -391,7 +394,7 @@ def sft_tokens(rows, idx):
     return sum(len(rows[i].response) for i in idx)
 
 
-def step_loss(model, sft, aux, denom, noise_alpha, device):
+def step_loss(model, sft, aux, denom, noise_alpha, device, precision="auto"):
     """One forward over a micro-batch of SFT rows and method rows. Returns [J_SFT part, J_aux
     part] and the number of tokens the forward read.
 
@@ -403,7 +406,7 @@ def step_loss(model, sft, aux, denom, noise_alpha, device):
     x, y, mask = collate([r.prompt for r in items], [r.inputs for r in items],
                          [r.targets for r in items], pad_id=0, masks=[r.mask for r in items])
     x, y, mask = x.to(device), y.to(device), mask.to(device)
-    with autocast(device):
+    with autocast(device, precision):
         logits = model(x, noise_alpha=noise_alpha)
     n = len(sft)
     terms = [masked_nll(logits[:n], y[:n], mask[:n], denom=denom)]
@@ -412,13 +415,13 @@ def step_loss(model, sft, aux, denom, noise_alpha, device):
     return torch.stack(terms), sum(len(r.prompt) + len(r.inputs) - 1 for r in items)
 
 
-def sequence_logps(model, prompts, responses, device):
+def sequence_logps(model, prompts, responses, device, precision="auto"):
     """log p(response | prompt) of each row: its response tokens' log-probs summed, from one
     teacher-forced forward (collate's mask leaves out the prompt and the padding). Returns the
     (n,) log-probs and the number of tokens read."""
     x, y, mask = collate(prompts, responses, responses, pad_id=0)
     x, y, mask = x.to(device), y.to(device), mask.to(device)
-    with autocast(device):
+    with autocast(device, precision):
         logits = model(x)
     tokens = sum(len(p) + len(r) - 1 for p, r in zip(prompts, responses))
     return -(token_nll(logits, y) * mask).sum(1), tokens
@@ -433,14 +436,15 @@ def dpo_loss(policy, ref, beta):
     return -F.logsigmoid(rewards[:, 0] - rewards[:, 1]), rewards
 
 
-def pair_loss(model, pairs, n_pairs, beta, device):
+def pair_loss(model, pairs, n_pairs, beta, device, precision="auto"):
     """DPO over a micro-batch of PairRows, chosen and rejected in one forward. The loss is a mean
     over the pairs of the global batch: summed here and divided by n_pairs, its pair count.
     Returns (the loss, [loss, reward accuracy, reward margin] as parts of their global-batch
     means, the tokens read)."""
     n = len(pairs)
     logp, tokens = sequence_logps(model, [p.prompt for p in pairs] * 2,
-                                  [p.chosen for p in pairs] + [p.rejected for p in pairs], device)
+                                  [p.chosen for p in pairs] + [p.rejected for p in pairs], device,
+                                  precision)
     ref = logp.new_tensor([[p.ref_chosen, p.ref_rejected] for p in pairs])
     losses, rewards = dpo_loss(torch.stack([logp[:n], logp[n:]], dim=1), ref, beta)
     margin = (rewards[:, 0] - rewards[:, 1]).detach()
@@ -847,14 +851,15 @@ def micro_batches(r: Run, idx: list[int], mine: list[int], offline, method: str)
     if method in PREFERENCE:
         pairs = [offline[i] for i in mine]
         return ([pairs[j:j + mb] for j in range(0, len(pairs), mb)],
-                lambda chunk: pair_loss(r.model, chunk, len(idx), a.dpo_beta, device),
+                lambda chunk: pair_loss(r.model, chunk, len(idx), a.dpo_beta, device,
+                                        a.precision),
                 ("loss", "reward_accuracy", "reward_margin"))
     noise = a.neftune_alpha if a.method == "neftune" else 0.0
     sft, aux = loss_rows(r.rows, mine, offline)
     denom = sft_tokens(r.rows, idx)
 
     def loss_of(chunk):
-        terms, tokens = step_loss(r.model, *chunk, denom, noise, device)
+        terms, tokens = step_loss(r.model, *chunk, denom, noise, device, a.precision)
         return terms.sum(), torch.cat([terms.sum()[None], terms]).detach(), tokens
     n_micro = max(math.ceil(len(sft) / mb), math.ceil(len(aux) / mb))
     return ([(sft[j * mb:(j + 1) * mb], aux[j * mb:(j + 1) * mb]) for j in range(n_micro)],

@@ -65,6 +65,9 @@ def get_args(argv=None):
     p.add_argument("--out", default="out/study")
     p.add_argument("--device", type=device_name, default="cpu",
                    help="cpu (the numbers in the README), or cuda for the full-size GSM study")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="training forwards (train.py --precision): auto = bf16 on CUDA, fp32 on "
+                        "a CPU; bf16 halves SmolLM2's CPU steps")
     g = p.add_argument_group("data")
     g.add_argument("--train-size", type=int, default=2000)
     g.add_argument("--dev-size", type=int, default=500)
@@ -153,6 +156,7 @@ def common(data: dict, eval_split: str, out: Path, args, *extra) -> list[str]:
     return ["--data", str(data["train"]), "--eval-data", str(data[eval_split]),
             "--task", data["template"], "--overflow", "fail", "--batch-size", str(args.batch_size),
             "--micro-batch-size", str(args.micro_batch_size), "--device", args.device,
+            "--precision", args.precision,
             "--out", str(out), *map(str, extra), *(map(str, cap) if args.max_new_tokens else [])]
 
 
@@ -178,7 +182,8 @@ def sft_round(out: Path, init, data: dict, epochs, lr, args) -> float:
     """One round of the warm-up (SFT on the training and reference rows, evaluated on dev and
     saved every epoch); returns its last dev accuracy."""
     settings = {"init": str(init), "epochs": epochs, "lr": lr, "train": args.train_size,
-                "terms": args.terms, "digits": args.digits, "batch": args.batch_size}
+                "terms": args.terms, "digits": args.digits, "batch": args.batch_size,
+                "precision": args.precision}
     done = out / "settings.json"
     if not (done.exists() and json.loads(done.read_text()) == settings):
         rows = len(data["warmup"].read_text().splitlines())

@@ -55,7 +55,7 @@ def test_gsm_from_a_pretrained_checkpoint(tmp_path):
     out = tmp_path / "study"
     study.main(["--init", str(init), "--tasks", "gsm", "--gsm-dir", str(gsm), "--train-size",
                 "8", "--dev-size", "4", "--test-size", "6", "--max-new-tokens", "8",
-                "--out", str(out), *TINY_SIZES])
+                "--precision", "bf16", "--out", str(out), *TINY_SIZES])
 
     # the first n problems of each split, and no reference rows in the warm-up's data
     for name, n in (("train", 8), ("dev", 4), ("test", 6)):
@@ -79,8 +79,8 @@ def test_gsm_from_a_pretrained_checkpoint(tmp_path):
     for r, method in zip(results[2:], ("sft", "bash", "rac")):
         run = json.loads((out / "test" / "gsm" / "seed0" / method / "checkpoint" / "run.json")
                          .read_text())["settings"]
-        assert (run["method"], run["task"], run["micro_batch_size"], run["rac_max_new_tokens"]) \
-            == (method, "math", 2, 8)
+        assert (run["method"], run["task"], run["micro_batch_size"], run["rac_max_new_tokens"],
+                run["precision"]) == (method, "math", 2, 8, "bf16")
         assert r["steps"] == 2  # 8 rows, batch 4, one epoch
     table = (out / "test" / "gsm.md").read_text()
     assert "| pretrained |" in table and "| rac |" in table

@@ -289,6 +289,29 @@ def test_micro_batch_size_does_not_change_training(files, tmp_path):
         torch.testing.assert_close(outs[1][k], outs[0][k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
+def test_bf16_precision_on_cpu_runs_the_training_forward_in_bf16(files, tmp_path):
+    """--precision bf16: the logits come from bf16 matmuls, close to fp32's but not equal, and
+    the flag reaches the training loop; auto on a CPU is exactly fp32."""
+    rows, model = two_rows(), LogitSpy(tiny_gpt())
+    sft, aux = train.loss_rows(rows, [0, 1], None)
+    denom = train.sft_tokens(rows, [0, 1])
+    terms = {}
+    for precision in ("fp32", "auto", "bf16"):
+        terms[precision], _ = train.step_loss(model, sft, aux, denom, 0.0, CPU, precision)
+        assert model.logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert torch.equal(terms["auto"], terms["fp32"])
+    assert not torch.equal(terms["bf16"], terms["fp32"])
+    torch.testing.assert_close(terms["bf16"], terms["fp32"], rtol=2e-2, atol=2e-2)
+
+    ckpts = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        train.main(tiny_args(files, out, "--method", "sft", "--iter-epochs", "1", "--precision",
+                             precision))
+        ckpts[precision] = weights(out / "checkpoint")
+    assert any(not torch.equal(ckpts["bf16"][k], ckpts["fp32"][k]) for k in ckpts["fp32"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Data order and checkpoint files
 
