@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import hf_runner, ours_runner, timed  # noqa: E402
 from data import Row  # noqa: E402
-from generate import autocast, bash_mix, rac_labels  # noqa: E402
+from generate import autocast, rac_labels  # noqa: E402
 from model import from_pretrained, masked_nll  # noqa: E402
-from train import loss_rows, make_optimizer, step_loss, term_counts  # noqa: E402
+from train import bash_rows, loss_rows, make_optimizer, sft_tokens, step_loss  # noqa: E402
 
 EOS = 50256
 PAPER = {"bash_mix_s": 0.9, "bash_train_s": 4.4, "scs_s": 20.8,
@@ -108,9 +108,9 @@ def opt_args(args):
     return SimpleNamespace(lr=args.lr, weight_decay=args.weight_decay)
 
 
-def lm_step(model, opt, x, y, mask, device, grad_clip, hf):
+def lm_step(model, opt, x, y, mask, device, grad_clip, hf, precision):
     """One plain language-model step: forward, masked_nll over every position, backward, AdamW."""
-    with autocast(device):
+    with autocast(device, precision):
         logits = model(input_ids=x, use_cache=False).logits if hf else model(x)
     loss = masked_nll(logits, y, mask)
     loss.backward()
@@ -121,15 +121,16 @@ def lm_step(model, opt, x, y, mask, device, grad_clip, hf):
     return loss
 
 
-def method_step(model, raw, opt, rows, idx, method, offline, micro_batch, device, grad_clip):
-    """train.py's inner loop for one global batch (one process): J_SFT (+ the method's term),
-    micro-batched, each term weighted by its tokens over the whole batch, clip, AdamW."""
-    sft, aux = loss_rows(rows, idx, method, offline)
-    counts = term_counts(rows, idx, method, offline)
+def method_step(model, raw, opt, rows, idx, offline, micro_batch, device, grad_clip, precision):
+    """train.py's inner loop for one global batch (one process): J_SFT (+ the method's term over
+    its offline rows), micro-batched, both terms over the batch's SFT tokens, clip, AdamW."""
+    sft, aux = loss_rows(rows, idx, offline)
+    denom = sft_tokens(rows, idx)
     n_micro = max(math.ceil(len(sft) / micro_batch), math.ceil(len(aux) / micro_batch))
     for j in range(n_micro):
         terms, _ = step_loss(model, sft[j * micro_batch:(j + 1) * micro_batch],
-                             aux[j * micro_batch:(j + 1) * micro_batch], counts, 0.0, device)
+                             aux[j * micro_batch:(j + 1) * micro_batch], denom, 0.0, device,
+                             precision)
         terms.sum().backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
@@ -155,6 +156,8 @@ def main():
     g.add_argument("--layers", type=int, default=12, help="GPT-2 124M has 12; fewer for a quick look")
     g.add_argument("--repeats", type=int, default=3, help="timed runs of each after one warm-up; the best is reported")
     g.add_argument("--compile", action="store_true", help="torch.compile our model for its training steps")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="every training step's forward, as train.py --precision (auto: bf16 on CUDA)")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="accelerator peak for MFU (default 989 = H100 bf16 dense on CUDA; on CPU MFU is shown only "
                         "when this is given)")
@@ -196,8 +199,9 @@ def main():
         return from_pretrained(tmp.name, device=device)
 
     n_params = load_ours().num_params()
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     print(f"GPT-2 ({args.layers} layers, {n_params / 1e6:.0f}M params), fp32 weights"
-          f"{', bf16 autocast' if cuda else ''}, {args.device}, {args.threads} threads, best of {args.repeats} "
+          f"{', bf16 autocast' if bf16 else ''}, {args.device}, {args.threads} threads, best of {args.repeats} "
           f"after one warm-up{', torch.compile (ours)' if args.compile else ''}")
 
     # ---- 1. training step ------------------------------------------------------------------------
@@ -214,7 +218,8 @@ def main():
             model = (load_hf() if hf else load_ours()).train()
             opt = make_optimizer(model, opt_args(args))
             fwd = torch.compile(model) if args.compile and not hf else model
-            t = timed(lambda: lm_step(fwd, opt, x, y, m, device, args.grad_clip, hf), args.repeats)
+            t = timed(lambda: lm_step(fwd, opt, x, y, m, device, args.grad_clip, hf,
+                                      args.precision), args.repeats)
             tok_s[name] = n_tok / t
             print(f"    {name:<13} {tok_s[name]:>10,.1f} tok/s  ({t * 1e3:.1f} ms/step)")
         del model, opt, fwd
@@ -265,37 +270,37 @@ def main():
         y_ids = torch.randint(0, EOS, (L - 1,), generator=g).tolist() + [EOS]
         rows.append(Row(x_ids, y_ids, x_ids + y_ids + x_ids, answer=None, reference=""))  # f(x,y) stand-in
     idx = list(range(B))
-    prompts_b, responses_b = [r.prompt for r in rows], [r.response for r in rows]
+    prompts_b = [r.prompt for r in rows]
     print(f"\n3-5. one global batch of {B} random rows: {P}-token prompts x, {L}-token references y; "
           f"training micro-batch {mb}; mixing and RAC building are one decode batch of {B}; beta {args.beta}")
     raw = load_ours()
     opt = make_optimizer(raw, opt_args(args))
     model = torch.compile(raw) if args.compile else raw
-    train_kw = dict(micro_batch=mb, device=device, grad_clip=args.grad_clip)
+    train_kw = dict(micro_batch=mb, device=device, grad_clip=args.grad_clip,
+                    precision=args.precision)
     # one SFT step outside any memory phase, so AdamW's state exists before every phase below and each
     # phase's rise is its own (activations, gradients, caches), not the optimizer's lazy first allocation
-    method_step(model, raw, opt, rows, idx, "sft", None, **train_kw)
+    method_step(model, raw, opt, rows, idx, None, **train_kw)
 
     def mix(seed=0):
         raw.eval()  # sample without dropout, as train.build_offline does
-        out = bash_mix(raw, prompts_b, responses_b, beta=args.beta, seed=seed)
+        out = bash_rows(raw, rows, args.beta, 1.0, seed)
         raw.train()
         return out
 
     with mem.phase("BASH mix"):
         t_mix = timed(mix, args.repeats)
-    mixed, took = mix()
+    bash_offline = mix()
     with mem.phase("SFT train step"):
-        t_sft = timed(lambda: method_step(model, raw, opt, rows, idx, "sft", None, **train_kw), args.repeats)
+        t_sft = timed(lambda: method_step(model, raw, opt, rows, idx, None, **train_kw), args.repeats)
     mix_ratio = (t_mix / B) / (t_sft / B)
     print(f"3.  BASH mixing {t_mix:.3f} s/batch = {1e3 * t_mix / B:.1f} ms/row; SFT training step "
           f"{t_sft:.3f} s/batch = {1e3 * t_sft / B:.1f} ms/row; mixing / SFT training per row: {mix_ratio:.3f} "
           f"(target <= 0.25)")
     table.append(("BASH mix / SFT train, per row", f"{mix_ratio:.3f}", "<= 0.25", mix_ratio <= 0.25))
 
-    bash_offline = {i: (mixed[i], took[i]) for i in idx}
     with mem.phase("BASH train step"):
-        t_bash = timed(lambda: method_step(model, raw, opt, rows, idx, "bash", bash_offline, **train_kw), args.repeats)
+        t_bash = timed(lambda: method_step(model, raw, opt, rows, idx, bash_offline, **train_kw), args.repeats)
     paper_mix = PAPER["bash_mix_s"] / PAPER["bash_train_s"]
     print(f"    mixing / BASH training (J_SFT + J_BASH, what the paper's 4.4 s measures) per row: "
           f"{t_mix / t_bash:.3f} (paper {paper_mix:.2f} = 0.9 s / 4.4 s)")
@@ -305,8 +310,7 @@ def main():
 
     def scs_step():  # train.py's SCS branch: mix with the current weights, then J_SFT + J_SCS
         step[0] += 1
-        m_now, _ = mix(seed=step[0])
-        method_step(model, raw, opt, rows, idx, "scs", {i: (m_now[i],) for i in idx}, **train_kw)
+        method_step(model, raw, opt, rows, idx, mix(seed=step[0]), **train_kw)
 
     with mem.phase("SCS step"):
         t_scs = timed(scs_step, args.repeats)
