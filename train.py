@@ -311,26 +311,28 @@ class PairRow(NamedTuple):
 
 
 @torch.no_grad()
-def pair_rows(model, rows, rejected, micro_batch) -> list[PairRow]:
+def pair_rows(model, rows, rejected, micro_batch, precision="auto") -> list[PairRow]:
     """Pairs (x, y, rejected) with the current weights as the reference, micro_batch pairs per
-    forward (the training step's memory)."""
+    forward (the training step's memory), in the training's precision so that θ = ref at the
+    start."""
     out = []
     for k in range(0, len(rows), micro_batch):
         chunk, rej = rows[k:k + micro_batch], rejected[k:k + micro_batch]
         logp, _ = sequence_logps(model, [r.prompt for r in chunk] * 2,
-                                 [r.response for r in chunk] + rej, model.device)
+                                 [r.response for r in chunk] + rej, model.device, precision)
         n = len(chunk)
         out += [PairRow(r.prompt, r.response, z, ref_y, ref_z) for r, z, ref_y, ref_z
                 in zip(chunk, rej, logp[:n].tolist(), logp[n:].tolist())]
     return out
 
 
-def spin_rows(model, rows, max_new_tokens, temperature, seed, eos_id, micro_batch):
+def spin_rows(model, rows, max_new_tokens, temperature, seed, eos_id, micro_batch,
+              precision="auto"):
     """SPIN (Chen et al. 2024): the current model answers every prompt, z ~ p_θ(·|x), and the
     pair is (chosen y, rejected z) with the current model as the reference."""
     z = generate(model, [r.prompt for r in rows], max_new_tokens, temperature=temperature,
                  eos_id=eos_id, seed=seed)
-    return pair_rows(model, rows, z, micro_batch)
+    return pair_rows(model, rows, z, micro_batch, precision)
 
 
 def build_offline(model, rows, build, batch_size, seed, rank, world) -> list[TrainRow]:
@@ -821,11 +823,11 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
         return
     if a.method == "dpo":
         build = lambda m, rows, s: pair_rows(m, rows, [x.rejected for x in rows],  # noqa: E731
-                                             a.micro_batch_size)
+                                             a.micro_batch_size, a.precision)
     elif a.method == "spin":
         build = lambda m, rows, s: spin_rows(m, rows, r.spin_max_new_tokens,  # noqa: E731
                                              a.spin_temperature, s, r.tok.eos_id,
-                                             a.micro_batch_size)
+                                             a.micro_batch_size, a.precision)
     elif a.method == "bash":
         build = lambda m, rows, s: bash_rows(m, rows, a.beta, a.mix_temperature, s)  # noqa: E731
     elif a.method == "rac":

@@ -85,6 +85,12 @@ def test_dpo_loss_is_log_2_when_theta_is_the_reference():
     pairs = train.pair_rows(model, rows, [p.rejected for p in toy_pairs()], micro_batch=2)
     loss, logged, _ = train.pair_loss(model, pairs, len(pairs), BETA, CPU)
     assert abs(loss.item() - math.log(2)) < 1e-6 and abs(logged[2].item()) < 1e-6
+    # --precision bf16: the reference log-probs are taken in the training's precision too
+    pairs = train.pair_rows(model, rows, [p.rejected for p in toy_pairs()], 2, "bf16")
+    loss, logged, _ = train.pair_loss(model, pairs, len(pairs), BETA, CPU, "bf16")
+    assert abs(loss.item() - math.log(2)) < 1e-6 and abs(logged[2].item()) < 1e-6
+    fp32 = train.pair_rows(model, rows, [p.rejected for p in toy_pairs()], 2)
+    assert [p.ref_chosen for p in pairs] != [p.ref_chosen for p in fp32]
 
 
 def test_pair_loss_accumulates_exactly():
