@@ -1,11 +1,13 @@
-"""Data: tokenizers, data sets, prompt templates, batching with loss masks,
-the built-in arithmetic task, and the evaluation helpers (exact match, ROUGE).
+"""Data: the paper's prompt templates, encoding examples into token rows, batching with loss
+masks, the built-in arithmetic task and the evaluation helpers (exact match, ROUGE); then the
+tokenizers and the JSONL readers they are fed by.
 
 Paper: Cen et al., "Bridging the Training-Inference Gap in LLMs by Leveraging
 Self-Generated Tokens". Templates are appendix A.1; batching follows A.2
 (right padding, no packing).
 """
-import json
+from __future__ import annotations
+
 import os
 import random
 import re
@@ -21,7 +23,246 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR",
 import tiktoken  # noqa: E402  (must come after the cache dir is set)
 import torch  # noqa: E402
 
-from model import inside, read_json, unique_keys  # noqa: E402
+from plumbing import inside, json_object, parse_json, read_json  # noqa: E402
+
+
+# -----------------------------------------------------------------------------
+# Prompt templates (appendix A.1) and encoding examples into token rows.
+
+QA_SYSTEM = ("You are a helpful assistant to answer user's question. Your will be given both a "
+             "question and reference response. You need to give a new response to the question "
+             "and contain the main content in the reference response.")
+QA_REF = "{x}\nAnswer this question based on the following reference response: {y}"
+MATH_PROMPT = "{x}\nLet's think step by step."
+TLDR_PROMPT = "{x}\nTL;DR:"
+TLDR_REF = ("[POST]: {x} [REFERENCE SUMMARY]: {y}\n\nRe-write a new summary of the post and cover "
+            "the main content in the reference summary. TL;DR:")
+TASKS = ("plain", "chat", "math", "summarize", "arith")
+
+
+@dataclass
+class Row:
+    prompt: list[int]  # x: prompt ids, template applied
+    response: list[int]  # y: response ids + [eos_id]
+    # f(x, y): the RAC reference prompt; the model continues it with a new response
+    ref_prompt: list[int]
+    answer: str | None  # for exact match
+    reference: str  # response text, for ROUGE
+    rejected: list[int] | None = None  # a preference pair's rejected response ids + [eos_id]
+
+
+def render_chat(turns: list[dict], tok: Tokenizer) -> list[int]:
+    """Token ids of the turns followed by the opening of the assistant's turn.
+
+    Special tokens come from tok.special and text from tok.encode, so text in
+    a turn can never become a special token. In zephyr the role tags are
+    plain text and each turn ends with eos (the paper's </s>).
+    """
+    ids = []
+    if tok.chat == "chatml":
+        start, end = tok.special("<|im_start|>"), tok.special("<|im_end|>")
+        for t in turns:
+            ids += [start] + tok.encode(f"{t['role']}\n{t['content']}") + [end] + tok.encode("\n")
+        return ids + [start] + tok.encode("assistant\n")
+    for t in turns:
+        ids += tok.encode(f"<|{t['role']}|>\n{t['content']}") + [tok.eos_id] + tok.encode("\n")
+    return ids + tok.encode("<|assistant|>\n")
+
+
+def _qa_ref_turns(turns: list[dict], y: str) -> list[dict]:
+    # f(x, y) for QA: the paper's system prompt, and the reference appended to the last user turn.
+    *before, last = [t for t in turns if t["role"] != "system"]
+    return [{"role": "system", "content": QA_SYSTEM}, *before,
+            {"role": last["role"], "content": QA_REF.format(x=last["content"], y=y)}]
+
+
+def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
+    x, y = ex.prompt, ex.response
+    if task != "chat" and not isinstance(x, str):
+        raise DataError(f"line {ex.line}: task {task!r} needs a text prompt, got chat turns")
+    if task == "plain":
+        prompt = tok.encode(x)
+        ref = tok.encode(f"{QA_SYSTEM}\n{QA_REF.format(x=x, y=y)}\n")
+    elif task == "chat":
+        turns = [{"role": "user", "content": x}] if isinstance(x, str) else x
+        prompt = render_chat(turns, tok)
+        ref = render_chat(_qa_ref_turns(turns, y), tok)
+    elif task == "math":
+        # The paper's evaluation prompt has an empty system turn.
+        prompt = render_chat([{"role": "system", "content": ""},
+                              {"role": "user", "content": MATH_PROMPT.format(x=x)}], tok)
+        ref = render_chat(_qa_ref_turns([{"role": "user", "content": x}], y), tok)
+    elif task == "summarize":
+        prompt = tok.encode(TLDR_PROMPT.format(x=x))
+        ref = tok.encode(TLDR_REF.format(x=x, y=y.strip()))
+        y = " " + y.lstrip()  # a summary follows "TL;DR:" after one space, as in the TL;DR data
+    elif task == "arith":
+        prompt = tok.encode(x)
+        ref = tok.encode(f"ref {y}\n{x}")  # the reference answer, then the question again
+    else:
+        raise ValueError(f"unknown task {task!r}, expected one of {TASKS}")
+    return Row(prompt, tok.encode(y) + [tok.eos_id], ref, ex.answer, ex.response)
+
+
+def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int,
+                overflow: str = "truncate", need_ref: bool = True) -> list[Row]:
+    """Encode and fit every row into max_len tokens: x ++ y, and (need_ref, for RAC) f(x, y)
+    plus one token.
+
+    f(x, y) holds the reference y, so whenever x ++ y overflows it overflows
+    too; "truncate" therefore cuts y inside f(x, y) as well, by the same rule
+    as the response. A prompt x that leaves no room is always an error.
+    """
+    assert overflow in ("truncate", "fail"), \
+        f"overflow must be 'truncate' or 'fail', got {overflow!r}"
+    rows, cut = [], 0
+    for i, ex in enumerate(examples, 1):
+        r = encode_example(ex, tok, task)
+        where = f"example {i}" + (f" (line {ex.line})" if ex.line else "")
+        if len(r.prompt) + 1 > max_len:
+            raise DataError(f"{where}: prompt has {len(r.prompt)} tokens, leaving no room for a "
+                            f"response in max_len={max_len}")
+        n_ref = len(r.ref_prompt) if need_ref else 0
+        if overflow == "fail" and max(len(r.prompt) + len(r.response), n_ref + 1) > max_len:
+            raise DataError(f"{where}: prompt+response ({len(r.prompt) + len(r.response)}) or "
+                            f"reference prompt+1 ({n_ref + 1}) tokens > max_len={max_len}")
+        y_ids = tok.encode(ex.response)
+        # each pass drops the reference tokens that overflowed
+        while need_ref and len(r.ref_prompt) + 1 > max_len:
+            y_ids = y_ids[:len(y_ids) - (len(r.ref_prompt) + 1 - max_len)]
+            if not y_ids:
+                raise DataError(f"{where}: reference prompt has {n_ref} tokens and cannot fit "
+                                f"max_len={max_len}")
+            r.ref_prompt = encode_example(Example(ex.prompt, tok.decode(y_ids)),
+                                          tok, task).ref_prompt
+        if len(r.prompt) + len(r.response) > max_len or len(r.ref_prompt) < n_ref:
+            r.response = r.response[:max_len - len(r.prompt)]  # the eos goes with the cut
+            cut += 1
+        rows.append(r)
+    if cut:
+        print(f"truncated {cut} of {len(rows)} rows to max_len", file=sys.stderr)
+    return rows
+
+def encode_pairs(examples: list[Example], tok: Tokenizer, task: str, max_len: int,
+                 overflow: str = "truncate") -> list[Row]:
+    """Preference pairs as rows (x, chosen) whose Row.rejected holds the rejected ids: each
+    reply is fitted to max_len with x by encode_rows' rule for a response."""
+    rows = encode_rows(examples, tok, task, max_len, overflow, need_ref=False)
+    rejected = encode_rows([replace(e, response=e.rejected) for e in examples], tok, task,
+                           max_len, overflow, need_ref=False)
+    for row, rej in zip(rows, rejected):
+        row.rejected = rej.response
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Batching: one function for SFT, BASH and RAC.
+
+
+def collate(prompts: list[list[int]], inputs: list[list[int]], targets: list[list[int]],
+            pad_id: int, masks: list[list[int]] | None = None, device="cpu"
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (x, y, mask), B x T, no packing (appendix A.2), on `device`.
+
+    Row i reads x = prompt + inputs[:-1]; position P-1+j predicts targets[j].
+    SFT: inputs = targets = y. BASH: inputs = mixed ŷ, targets = y.
+    RAC: inputs = sampled z, targets = labels z̄, masks = (z̄ != z).
+    Prompt and padding positions have mask 0 (their y is pad_id, never scored).
+    """
+    rows = []
+    for i, (p, inp, tgt) in enumerate(zip(prompts, inputs, targets, strict=True)):
+        assert len(p) >= 1 and len(inp) >= 1, f"row {i}: needs >= 1 prompt and >= 1 response token"
+        assert len(inp) == len(tgt), \
+            f"row {i}: inputs ({len(inp)}) and targets ({len(tgt)}) differ in length"
+        m = [1] * len(tgt) if masks is None else masks[i]
+        assert len(m) == len(tgt), \
+            f"row {i}: mask ({len(m)}) and targets ({len(tgt)}) differ in length"
+        rows.append((p + inp[:-1], [pad_id] * (len(p) - 1) + tgt, [0] * (len(p) - 1) + list(m)))
+    T = max(len(x) for x, _, _ in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.float)
+    for i, (xi, yi, mi) in enumerate(rows):
+        x[i, :len(xi)] = torch.tensor(xi)
+        y[i, :len(yi)] = torch.tensor(yi)
+        mask[i, :len(mi)] = torch.tensor(mi, dtype=torch.float)
+    return x.to(device), y.to(device), mask.to(device)
+
+
+# -----------------------------------------------------------------------------
+# The built-in tasks: chains of additions and subtractions, solved step by step.
+
+BUILTIN_FORMS = ("chain", "totals")
+
+
+def builtin_task(n: int, seed: int, terms: tuple[int, int] = (3, 5), digits: int = 2,
+                 form: str = "chain") -> list[Example]:
+    """n problems such as x = "5+4-4+8=", evaluated left to right, never negative. Two ways to
+    write the solution y, which differ in what a correction after a slip means:
+
+    chain:  "5+4=9,9-4=5,5+8=13 #### 13". Each step starts from the previous result, so after a
+            slip (9 written as 8) the reference's next step "9-4=5" is not a correct step from
+            the model's own prefix "8-4=".
+    totals: "+4=9,-4=5,+8=13 #### 13". The k-th element is the running total after k+1
+            numbers, a function of x and k alone: after any slip, the reference's next element
+            is still the right one.
+    """
+    assert 2 <= terms[0] <= terms[1] and digits >= 1, \
+        f"need 2 <= terms[0] <= terms[1] and digits >= 1, got {terms}, {digits}"
+    assert form in BUILTIN_FORMS, f"form must be one of {BUILTIN_FORMS}, got {form!r}"
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1  # no leading zeros
+    examples = []
+    for _ in range(n):
+        nums = [rng.randint(lo, hi) for _ in range(rng.randint(*terms))]
+        value, prompt, steps = nums[0], str(nums[0]), []
+        for b in nums[1:]:
+            op = "-" if value - b >= 0 and rng.random() < 0.5 else "+"
+            new = value - b if op == "-" else value + b
+            steps.append(f"{value}{op}{b}={new}" if form == "chain" else f"{op}{b}={new}")
+            prompt += f"{op}{b}"
+            value = new
+        examples.append(Example(prompt + "=", ",".join(steps) + f" #### {value}",
+                                answer=str(value)))
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: exact match on final answers, ROUGE F1 on summaries.
+
+
+def extract_answer(text: str) -> str | None:
+    """GSM8K style: what follows the last '####'; else the last number in the text."""
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "") or None
+    nums = re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", text)
+    return nums[-1].replace(",", "") if nums else None
+
+
+def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
+    if overlap == 0:
+        return 0.0
+    p, r = overlap / n_pred, overlap / n_ref
+    return 2 * p * r / (p + r)
+
+
+def rouge(pred: str, ref: str) -> dict:
+    """ROUGE-1/2/L F1 on lowercased alphanumeric tokens."""
+    a, b = re.findall(r"[a-z0-9]+", pred.lower()), re.findall(r"[a-z0-9]+", ref.lower())
+    out = {}
+    for n in (1, 2):
+        ga, gb = Counter(zip(*[a[i:] for i in range(n)])), Counter(zip(*[b[i:] for i in range(n)]))
+        out[f"rouge{n}"] = _f1(sum((ga & gb).values()), sum(ga.values()), sum(gb.values()))
+    # Longest common subsequence, one DP row at a time.
+    prev = [0] * (len(b) + 1)
+    for ta in a:
+        cur = [0]
+        for j, tb in enumerate(b):
+            cur.append(prev[j] + 1 if ta == tb else max(prev[j + 1], cur[j]))
+        prev = cur
+    out["rougeL"] = _f1(prev[-1], len(a), len(b))
+    return out
+
 
 # -----------------------------------------------------------------------------
 # Tokenizers: everything is a tiktoken.Encoding underneath.
@@ -179,6 +420,7 @@ def check_vocab(tok: Tokenizer, vocab_size: int, where):
         raise ValueError(f"{where}: the tokenizer has {tok.vocab_size} tokens but the model's "
                          f"embedding only {vocab_size} (use the tokenizer the model was made with)")
 
+
 # -----------------------------------------------------------------------------
 # Data sets: JSONL files of examples.
 
@@ -207,8 +449,7 @@ def _field(obj: dict, key: str, kind: type, where: str):
 
 
 def _example(obj, where: str, line: int) -> Example:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    json_object(obj, where, DataError)
     if "messages" in obj:
         turns = _field(obj, "messages", list, where)
         for t in turns:
@@ -241,8 +482,7 @@ def _pair(obj, where: str, line: int) -> Example:
     """A preference pair: {"prompt", "chosen", "rejected"}, or {"messages": the turns before the
     reply, "chosen", "rejected"}; chosen and rejected are the replies' text. The chosen reply is
     read as the response of the prompt/response or messages shape, with the same checks."""
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    json_object(obj, where, DataError)
     if "prompt" not in obj and "messages" not in obj:
         raise DataError(f"{where}: unknown shape with keys {sorted(obj)}; expected "
                         "prompt/chosen/rejected or messages/chosen/rejected")
@@ -275,12 +515,7 @@ def read_jsonl(path, pairs: bool = False) -> list[Example]:
                 raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if not text.strip():
                 continue
-            try:
-                obj = json.loads(text, object_pairs_hook=unique_keys)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            except ValueError as e:  # unique_keys: a key given twice
-                raise DataError(f"{where}: {e}") from None
+            obj = parse_json(text, where, DataError)
             examples.append((_pair if pairs else _example)(obj, where, line))
             first = examples[0]
             if examples[-1].shape != first.shape:  # one template per file: never switch silently
@@ -290,237 +525,3 @@ def read_jsonl(path, pairs: bool = False) -> list[Example]:
     if not examples:
         raise DataError(f"{path}: no examples (file is empty)")
     return examples
-
-# -----------------------------------------------------------------------------
-# Prompt templates (appendix A.1) and encoding examples into token rows.
-
-QA_SYSTEM = ("You are a helpful assistant to answer user's question. Your will be given both a "
-             "question and reference response. You need to give a new response to the question "
-             "and contain the main content in the reference response.")
-QA_REF = "{x}\nAnswer this question based on the following reference response: {y}"
-MATH_PROMPT = "{x}\nLet's think step by step."
-TLDR_PROMPT = "{x}\nTL;DR:"
-TLDR_REF = ("[POST]: {x} [REFERENCE SUMMARY]: {y}\n\nRe-write a new summary of the post and cover "
-            "the main content in the reference summary. TL;DR:")
-TASKS = ("plain", "chat", "math", "summarize", "arith")
-
-
-@dataclass
-class Row:
-    prompt: list[int]  # x: prompt ids, template applied
-    response: list[int]  # y: response ids + [eos_id]
-    # f(x, y): the RAC reference prompt; the model continues it with a new response
-    ref_prompt: list[int]
-    answer: str | None  # for exact match
-    reference: str  # response text, for ROUGE
-    rejected: list[int] | None = None  # a preference pair's rejected response ids + [eos_id]
-
-
-def render_chat(turns: list[dict], tok: Tokenizer) -> list[int]:
-    """Token ids of the turns followed by the opening of the assistant's turn.
-
-    Special tokens come from tok.special and text from tok.encode, so text in
-    a turn can never become a special token. In zephyr the role tags are
-    plain text and each turn ends with eos (the paper's </s>).
-    """
-    ids = []
-    if tok.chat == "chatml":
-        start, end = tok.special("<|im_start|>"), tok.special("<|im_end|>")
-        for t in turns:
-            ids += [start] + tok.encode(f"{t['role']}\n{t['content']}") + [end] + tok.encode("\n")
-        return ids + [start] + tok.encode("assistant\n")
-    for t in turns:
-        ids += tok.encode(f"<|{t['role']}|>\n{t['content']}") + [tok.eos_id] + tok.encode("\n")
-    return ids + tok.encode("<|assistant|>\n")
-
-
-def _qa_ref_turns(turns: list[dict], y: str) -> list[dict]:
-    # f(x, y) for QA: the paper's system prompt, and the reference appended to the last user turn.
-    *before, last = [t for t in turns if t["role"] != "system"]
-    return [{"role": "system", "content": QA_SYSTEM}, *before,
-            {"role": last["role"], "content": QA_REF.format(x=last["content"], y=y)}]
-
-
-def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
-    x, y = ex.prompt, ex.response
-    if task != "chat" and not isinstance(x, str):
-        raise DataError(f"line {ex.line}: task {task!r} needs a text prompt, got chat turns")
-    if task == "plain":
-        prompt = tok.encode(x)
-        ref = tok.encode(f"{QA_SYSTEM}\n{QA_REF.format(x=x, y=y)}\n")
-    elif task == "chat":
-        turns = [{"role": "user", "content": x}] if isinstance(x, str) else x
-        prompt = render_chat(turns, tok)
-        ref = render_chat(_qa_ref_turns(turns, y), tok)
-    elif task == "math":
-        # The paper's evaluation prompt has an empty system turn.
-        prompt = render_chat([{"role": "system", "content": ""},
-                              {"role": "user", "content": MATH_PROMPT.format(x=x)}], tok)
-        ref = render_chat(_qa_ref_turns([{"role": "user", "content": x}], y), tok)
-    elif task == "summarize":
-        prompt = tok.encode(TLDR_PROMPT.format(x=x))
-        ref = tok.encode(TLDR_REF.format(x=x, y=y.strip()))
-        y = " " + y.lstrip()  # a summary follows "TL;DR:" after one space, as in the TL;DR data
-    elif task == "arith":
-        prompt = tok.encode(x)
-        ref = tok.encode(f"ref {y}\n{x}")  # the reference answer, then the question again
-    else:
-        raise ValueError(f"unknown task {task!r}, expected one of {TASKS}")
-    return Row(prompt, tok.encode(y) + [tok.eos_id], ref, ex.answer, ex.response)
-
-
-def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int,
-                overflow: str = "truncate", need_ref: bool = True) -> list[Row]:
-    """Encode and fit every row into max_len tokens: x ++ y, and (need_ref, for RAC) f(x, y)
-    plus one token.
-
-    f(x, y) holds the reference y, so whenever x ++ y overflows it overflows
-    too; "truncate" therefore cuts y inside f(x, y) as well, by the same rule
-    as the response. A prompt x that leaves no room is always an error.
-    """
-    assert overflow in ("truncate", "fail"), \
-        f"overflow must be 'truncate' or 'fail', got {overflow!r}"
-    rows, cut = [], 0
-    for i, ex in enumerate(examples, 1):
-        r = encode_example(ex, tok, task)
-        where = f"example {i}" + (f" (line {ex.line})" if ex.line else "")
-        if len(r.prompt) + 1 > max_len:
-            raise DataError(f"{where}: prompt has {len(r.prompt)} tokens, leaving no room for a "
-                            f"response in max_len={max_len}")
-        n_ref = len(r.ref_prompt) if need_ref else 0
-        if overflow == "fail" and max(len(r.prompt) + len(r.response), n_ref + 1) > max_len:
-            raise DataError(f"{where}: prompt+response ({len(r.prompt) + len(r.response)}) or "
-                            f"reference prompt+1 ({n_ref + 1}) tokens > max_len={max_len}")
-        y_ids = tok.encode(ex.response)
-        # each pass drops the reference tokens that overflowed
-        while need_ref and len(r.ref_prompt) + 1 > max_len:
-            y_ids = y_ids[:len(y_ids) - (len(r.ref_prompt) + 1 - max_len)]
-            if not y_ids:
-                raise DataError(f"{where}: reference prompt has {n_ref} tokens and cannot fit "
-                                f"max_len={max_len}")
-            r.ref_prompt = encode_example(Example(ex.prompt, tok.decode(y_ids)),
-                                          tok, task).ref_prompt
-        if len(r.prompt) + len(r.response) > max_len or len(r.ref_prompt) < n_ref:
-            r.response = r.response[:max_len - len(r.prompt)]  # the eos goes with the cut
-            cut += 1
-        rows.append(r)
-    if cut:
-        print(f"truncated {cut} of {len(rows)} rows to max_len", file=sys.stderr)
-    return rows
-
-def encode_pairs(examples: list[Example], tok: Tokenizer, task: str, max_len: int,
-                 overflow: str = "truncate") -> list[Row]:
-    """Preference pairs as rows (x, chosen) whose Row.rejected holds the rejected ids: each
-    reply is fitted to max_len with x by encode_rows' rule for a response."""
-    rows = encode_rows(examples, tok, task, max_len, overflow, need_ref=False)
-    rejected = encode_rows([replace(e, response=e.rejected) for e in examples], tok, task,
-                           max_len, overflow, need_ref=False)
-    for row, rej in zip(rows, rejected):
-        row.rejected = rej.response
-    return rows
-
-# -----------------------------------------------------------------------------
-# Batching: one function for SFT, BASH and RAC.
-
-
-def collate(prompts: list[list[int]], inputs: list[list[int]], targets: list[list[int]],
-            pad_id: int, masks: list[list[int]] | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (x, y, mask), B x T, no packing (appendix A.2).
-
-    Row i reads x = prompt + inputs[:-1]; position P-1+j predicts targets[j].
-    SFT: inputs = targets = y. BASH: inputs = mixed ŷ, targets = y.
-    RAC: inputs = sampled z, targets = labels z̄, masks = (z̄ != z).
-    Prompt and padding positions have mask 0 (their y is pad_id, never scored).
-    """
-    rows = []
-    for i, (p, inp, tgt) in enumerate(zip(prompts, inputs, targets, strict=True)):
-        assert len(p) >= 1 and len(inp) >= 1, f"row {i}: needs >= 1 prompt and >= 1 response token"
-        assert len(inp) == len(tgt), \
-            f"row {i}: inputs ({len(inp)}) and targets ({len(tgt)}) differ in length"
-        m = [1] * len(tgt) if masks is None else masks[i]
-        assert len(m) == len(tgt), \
-            f"row {i}: mask ({len(m)}) and targets ({len(tgt)}) differ in length"
-        rows.append((p + inp[:-1], [pad_id] * (len(p) - 1) + tgt, [0] * (len(p) - 1) + list(m)))
-    T = max(len(x) for x, _, _ in rows)
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.float)
-    for i, (xi, yi, mi) in enumerate(rows):
-        x[i, :len(xi)] = torch.tensor(xi)
-        y[i, :len(yi)] = torch.tensor(yi)
-        mask[i, :len(mi)] = torch.tensor(mi, dtype=torch.float)
-    return x, y, mask
-
-# -----------------------------------------------------------------------------
-# The built-in tasks: chains of additions and subtractions, solved step by step.
-
-BUILTIN_FORMS = ("chain", "totals")
-
-
-def builtin_task(n: int, seed: int, terms: tuple[int, int] = (3, 5), digits: int = 2,
-                 form: str = "chain") -> list[Example]:
-    """n problems such as x = "5+4-4+8=", evaluated left to right, never negative. Two ways to
-    write the solution y, which differ in what a correction after a slip means:
-
-    chain:  "5+4=9,9-4=5,5+8=13 #### 13". Each step starts from the previous result, so after a
-            slip (9 written as 8) the reference's next step "9-4=5" is not a correct step from
-            the model's own prefix "8-4=".
-    totals: "+4=9,-4=5,+8=13 #### 13". The k-th element is the running total after k+1
-            numbers, a function of x and k alone: after any slip, the reference's next element
-            is still the right one.
-    """
-    assert 2 <= terms[0] <= terms[1] and digits >= 1, \
-        f"need 2 <= terms[0] <= terms[1] and digits >= 1, got {terms}, {digits}"
-    assert form in BUILTIN_FORMS, f"form must be one of {BUILTIN_FORMS}, got {form!r}"
-    rng = random.Random(seed)
-    lo, hi = 10 ** (digits - 1), 10 ** digits - 1  # no leading zeros
-    examples = []
-    for _ in range(n):
-        nums = [rng.randint(lo, hi) for _ in range(rng.randint(*terms))]
-        value, prompt, steps = nums[0], str(nums[0]), []
-        for b in nums[1:]:
-            op = "-" if value - b >= 0 and rng.random() < 0.5 else "+"
-            new = value - b if op == "-" else value + b
-            steps.append(f"{value}{op}{b}={new}" if form == "chain" else f"{op}{b}={new}")
-            prompt += f"{op}{b}"
-            value = new
-        examples.append(Example(prompt + "=", ",".join(steps) + f" #### {value}",
-                                answer=str(value)))
-    return examples
-
-# -----------------------------------------------------------------------------
-# Evaluation: exact match on final answers, ROUGE F1 on summaries.
-
-
-def extract_answer(text: str) -> str | None:
-    """GSM8K style: what follows the last '####'; else the last number in the text."""
-    if "####" in text:
-        return text.rsplit("####", 1)[1].strip().replace(",", "") or None
-    nums = re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", text)
-    return nums[-1].replace(",", "") if nums else None
-
-
-def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
-    if overlap == 0:
-        return 0.0
-    p, r = overlap / n_pred, overlap / n_ref
-    return 2 * p * r / (p + r)
-
-
-def rouge(pred: str, ref: str) -> dict:
-    """ROUGE-1/2/L F1 on lowercased alphanumeric tokens."""
-    a, b = re.findall(r"[a-z0-9]+", pred.lower()), re.findall(r"[a-z0-9]+", ref.lower())
-    out = {}
-    for n in (1, 2):
-        ga, gb = Counter(zip(*[a[i:] for i in range(n)])), Counter(zip(*[b[i:] for i in range(n)]))
-        out[f"rouge{n}"] = _f1(sum((ga & gb).values()), sum(ga.values()), sum(gb.values()))
-    # Longest common subsequence, one DP row at a time.
-    prev = [0] * (len(b) + 1)
-    for ta in a:
-        cur = [0]
-        for j, tb in enumerate(b):
-            cur.append(prev[j] + 1 if ta == tb else max(prev[j + 1], cur[j]))
-        prev = cur
-    out["rougeL"] = _f1(prev[-1], len(a), len(b))
-    return out

@@ -11,15 +11,14 @@ rac_labels(): Reference-Answer-based Correction's labels (Eq. 6): sample z, then
 import argparse
 import codecs
 import contextlib
-import errno
-import math
 import sys
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
 
 from model import GPT, KVCache
+from plumbing import (EXPECTED, device_name, error_line, non_negative_float, non_negative_int,
+                      positive_int, ranged)
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -41,6 +40,11 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     # argmax(p / E) with E ~ Exp(1) is a draw from p (no CPU sync, unlike multinomial)
     choice = (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(dim=-1)
     return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def seeded(seed: int | None, device) -> torch.Generator | None:
+    """A generator of its own for one call (nanochat's habit): the same seed, the same samples."""
+    return torch.Generator(device).manual_seed(seed) if seed is not None else None
 
 
 def left_pad(prompts, S, device):
@@ -107,7 +111,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
              seed=None) -> list[list[int]]:
     """Each prompt's new tokens, up to and including eos_id when a row produces it."""
     device = model.device
-    gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    gen = seeded(seed, device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
     def pick(t, logits):
@@ -138,7 +142,7 @@ def bash_mix(model, prompts, responses, beta=0.2, temperature=1.0, seed=None):
     the model's token. Returns (ŷ, took): took[i][j] is True where ŷ^j is the model's token.
     """
     device = model.device
-    gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    gen = seeded(seed, device)
     lengths = torch.tensor([len(y) for y in responses], device=device)
     L = int(lengths.max())
     ys = torch.tensor([y + [0] * (L - len(y)) for y in responses], device=device)
@@ -184,60 +188,6 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
     # Eq. 7 trains only where the label differs from the sample: 1(z̄^j != z^j)
     differs = [[int(a != b) for a, b in zip(zb, zi)] for zb, zi in zip(zbar, z)]
     return z, zbar, differs
-
-
-# ----------------------------------------------------------------------------------------------
-# Checking the command line: flag types (also train.py's) and the one-line error of main()
-
-
-def ranged(kind, lo=None, hi=None, above=None):
-    """An argparse type: kind(text), finite, >= lo (or > above) and <= hi. argparse reports a
-    bad value as 'argument --flag: expected <the range>, got <value>'."""
-    bounds = [f"{op} {v:g}" for op, v in ((">=", lo), (">", above), ("<=", hi)) if v is not None]
-    what = f"{'an integer' if kind is int else 'a number'} {' and '.join(bounds)}"
-
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            x = math.nan
-        if not (math.isfinite(x) and (lo is None or x >= lo) and (above is None or x > above)
-                and (hi is None or x <= hi)):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return x
-    return parse
-
-
-positive_int, non_negative_int = ranged(int, lo=1), ranged(int, lo=0)
-positive_float, non_negative_float = ranged(float, above=0), ranged(float, lo=0)
-fraction = ranged(float, lo=0, hi=1)
-
-
-def device_name(text):
-    try:
-        kind = torch.device(text).type
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("CUDA is not available on this machine (use cpu)")
-    return text
-
-
-# What bad input, a bad checkpoint or a full or read-only disk raise: reported as one line
-EXPECTED = (ValueError, OSError, KeyError, SafetensorError)
-OS_HINTS = {errno.ENOSPC: "free some space", errno.EROFS: "choose a writable place",
-            errno.EACCES: "check its permissions", errno.ENOENT: "check the path",
-            errno.EISDIR: "give a file, not a directory"}
-
-
-def error_line(e: BaseException) -> str:
-    """'error: <file or flag>: <what> (<what to do>)', on one line, for an EXPECTED failure."""
-    if isinstance(e, OSError) and e.filename:
-        hint = OS_HINTS.get(e.errno)
-        what = f"{e.filename}: {e.strerror}" + (f" ({hint})" if hint else "")
-    else:
-        what = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-    return "error: " + " ".join(what.split())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +251,7 @@ def sample_command(args):
         return
     # one sample, streamed: bytes go through an incremental UTF-8 decoder, since a character can
     # span several tokens
-    gen = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
+    gen = seeded(args.seed, args.device)
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def pick(t, logits):

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from plumbing import check_fields, inside, is_int, json_object, open_safetensors, read_json
 
 
 @dataclass
@@ -39,15 +41,26 @@ class GPTConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        assert self.arch in ("gpt2", "llama"), f"arch must be 'gpt2' or 'llama', got {self.arch!r}"
+        """Fill the defaults; sizes that do not fit together are a ValueError listing each."""
+        problems = []
+        if self.arch not in ("gpt2", "llama"):
+            problems.append(f"arch must be 'gpt2' or 'llama', got {self.arch!r}")
         if self.bias is None:
             self.bias = self.arch == "gpt2"
-        assert not (self.arch == "llama" and self.bias), \
-            "the llama family has no biases (the HF layout stores none)"
+        if self.arch == "llama" and self.bias:
+            problems.append("the llama family has no biases (the HF layout stores none)")
         self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_head % self.n_kv_head:
+            problems.append(f"n_head {self.n_head} is not a multiple of n_kv_head "
+                            f"{self.n_kv_head}")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            problems.append(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         self.head_dim = self.head_dim or self.n_embd // self.n_head
+        if self.arch == "llama" and self.head_dim % 2:
+            problems.append("rotary positions need an even head size")
         self.n_inner = self.n_inner or 4 * self.n_embd
-        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +266,7 @@ def masked_nll(logits, targets, mask, denom=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checking what a checkpoint says before trusting it: sizes, file names, JSON
+# Hugging Face layout: config.json + model.safetensors (or shards listed in an index)
 
 REQUIRED = object()
 # Sane bounds on every size, checked before anything is allocated: (type, lowest, highest)
@@ -265,96 +278,20 @@ LIMITS = {"vocab_size": (int, 1, 1 << 20), "block_size": (int, 1, 1 << 18),
           "tie_embeddings": (bool, None, None)}
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def checked_config(fields: dict, where: str, names: dict | None = None) -> GPTConfig:
     """GPTConfig(**fields) once every field has its type and range and the sizes fit together;
     otherwise ValueError naming `where` and the field (`names` maps a field to what the user
     wrote, e.g. a config.json key or a flag)."""
-    names = names or {}
-    for key, value in fields.items():
-        if key not in LIMITS or value is None:
-            continue
-        kind, lo, hi = LIMITS[key]
-        ok = isinstance(value, bool) if kind is bool else (
-            _is_int(value) or kind is float and isinstance(value, float)) and lo <= value <= hi
-        if not ok:
-            what = "true or false" if kind is bool else (
-                f"{'an integer' if kind is int else 'a number'} in [{lo:g}, {hi:g}]")
-            raise ValueError(f"{where}: {names.get(key, key)} is {value!r}, expected {what}")
-    f = {**dict.fromkeys(("n_kv_head", "head_dim"), None), **fields}
-    n_kv = f["n_kv_head"] or f["n_head"]
-    problems = []
-    if f["n_head"] % n_kv:
-        problems.append(f"n_head {f['n_head']} is not a multiple of n_kv_head {n_kv}")
-    if f["head_dim"] is None and f["n_embd"] % f["n_head"]:
-        problems.append(f"n_embd {f['n_embd']} is not a multiple of n_head {f['n_head']}")
-    if f["arch"] == "llama" and (f["head_dim"] or f["n_embd"] // f["n_head"]) % 2:
-        problems.append("rotary positions need an even head size")
-    if problems:
-        raise ValueError(f"{where}: {'; '.join(problems)}")
-    return GPTConfig(**fields)
-
-
-def inside(folder: Path, name: str, named_in: Path | None = None) -> Path:
-    """folder/name, refused unless it lies in folder itself: a relative name without '..' and no
-    symbolic link on the way, so a checkpoint cannot make us read (or copy out) files elsewhere.
-    named_in: the file that gave the name, for the message."""
-    rel = Path(name)
-    if not rel.parts or rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(f"{named_in or folder}: {name!r} points outside the checkpoint folder "
-                         "(a checkpoint's files must lie in its folder)")
-    path = folder
-    for part in rel.parts:
-        path = path / part
-        if path.is_symlink():
-            raise ValueError(f"{path}: is a symbolic link (copy the real file into {folder})")
-    return path
-
-
-def unique_keys(pairs):
-    """json object_pairs_hook: a key given twice is an error, not 'the last one wins'."""
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise ValueError(f"duplicate key {k!r}")
-        seen[k] = v
-    return seen
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file holding an object, or ValueError naming it."""
+    check_fields(fields, LIMITS, where, names)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} "
-                         f"column {e.colno})") from None
-    except ValueError as e:  # from unique_keys
-        raise ValueError(f"{path}: {e}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def open_safetensors(path: Path):
-    try:
-        return safe_open(path, "pt")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Hugging Face layout: config.json + model.safetensors (or shards listed in an index)
+        return GPTConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
     """Our GPTConfig from a Hugging Face config.json, every size checked before any allocation."""
-    if not isinstance(hf, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+    json_object(hf, where)
     names = {}  # our field -> the config.json key it came from, for error messages
 
     def need(key, ours=None, default=REQUIRED):
@@ -396,7 +333,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
         block = need("max_position_embeddings", "block_size")
         window = need("sliding_window", default=None)
         # our attention is full, which equals sliding-window attention up to the window
-        if _is_int(block) and _is_int(window) and window < block:
+        if is_int(block) and is_int(window) and window < block:
             block, names["block_size"] = window, "sliding_window"
         return checked_config(dict(
             arch="llama", vocab_size=need("vocab_size"), block_size=block,

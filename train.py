@@ -1,28 +1,31 @@
 """Training: SFT, then BASH or RAC iterations (the paper's Algorithms 1 and 2), the baselines SCS,
-NEFTune and SPIN, DPO on preference pairs, evaluation and checkpoints. One process, or several
-under torchrun.
+NEFTune, DPO and SPIN, evaluation and checkpoints. One process, or several under torchrun.
 
     python train.py --init DIR --data train.jsonl --eval-data dev.jsonl --method bash --out out/bash
     torchrun --nproc_per_node=4 train.py --init DIR --data train.jsonl --method rac --out out/rac
 
 A run is K1 steps of SFT alone, then H iterations of {build the offline set with the current
 model; K2 steps on J_SFT + J_BASH (or J_SFT + J_RAC)}, under one cosine learning-rate schedule.
+
+Reading order: `train` (the loop of Algorithms 1-2) -> `train_phase` -> `train_step`; the loss
+`step_loss` (J = J_SFT + J_BASH / J_RAC); the rows it reads, `bash_rows` and `rac_rows` (Eq. 4-7).
+The baselines, set-up and evaluation follow; run folders and checkpoints are in plumbing.py.
 The built-in study (SFT vs BASH vs RAC on a task that needs no download) is scripts/study.py.
 """
+from __future__ import annotations
+
 import argparse
-import fcntl
+import functools
 import hashlib
 import json
 import math
 import os
-import pickle
-import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,236 +34,120 @@ from tqdm import tqdm
 
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
                   encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
-from generate import (EXPECTED, autocast, bash_mix, device_name, error_line, fraction, generate,
-                      non_negative_float, non_negative_int, packed_linears, positive_float,
-                      positive_int, rac_labels)
-from model import (GPT, checked_config, config_to_hf, from_pretrained, inside, masked_nll,
-                   read_json, save_pretrained, token_nll)
-
-METHODS = ("sft", "bash", "rac", "scs", "neftune", "dpo", "spin")
-PREFERENCE = ("dpo", "spin")  # trained on pairs with the DPO loss
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja")
-
-
-def get_args(argv=None):
-    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        pass  # show defaults, keep the docstring's example commands on their own lines
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--init", default="scratch",
-                   help="'scratch', or a checkpoint directory (config.json + model.safetensors)")
-    g.add_argument("--data", required=True,
-                   help="training JSONL: {prompt,response}, {messages} or {question,answer} "
-                        "per line; for --method dpo, pairs {prompt,chosen,rejected} or "
-                        "{messages,chosen,rejected} (messages: the turns before the reply)")
-    g.add_argument("--eval-data", default=None,
-                   help="evaluation JSONL (same shapes); validation loss, exact match of final "
-                        "answers, ROUGE for --task summarize")
-    g.add_argument("--task", default="auto", choices=("auto",) + TASKS,
-                   help="prompt templates: auto = chat for {messages}, math for {question,answer}, "
-                        "plain otherwise")
-    g.add_argument("--out", default=None, help="output directory (default out/<method>)")
-    g.add_argument("--max-len", type=positive_int, default=None,
-                   help="longest row in tokens (default: the model's block size)")
-    g.add_argument("--overflow", default="truncate", choices=("truncate", "fail"),
-                   help="a row longer than --max-len: cut its response (counted and reported), "
-                        "or stop with an error")
-    g.add_argument("--tokenizer", default="bytes", choices=("bytes", "r50k_base"),
-                   help="tokenizer for --init scratch")
-    g.add_argument("--arch", default="llama", choices=("gpt2", "llama"),
-                   help="family for --init scratch")
-    g.add_argument("--n-layer", type=positive_int, default=4, help="--init scratch: layers")
-    g.add_argument("--n-head", type=positive_int, default=4, help="--init scratch: attention heads")
-    g.add_argument("--n-embd", type=positive_int, default=128, help="--init scratch: width")
-    g.add_argument("--block-size", type=positive_int, default=256,
-                   help="--init scratch: longest sequence")
-    g.add_argument("--dropout", type=fraction, default=0.0, help="--init scratch: dropout")
-
-    g = p.add_argument_group("method (Algorithms 1 and 2)")
-    g.add_argument("--method", default="sft", choices=METHODS,
-                   help="sft; bash / rac: J_SFT + J_BASH / J_RAC on an offline set rebuilt every "
-                        "iteration; scs: online scheduled sampling, the mixing redone at every "
-                        "step; neftune: SFT with embedding noise; dpo: the DPO loss on the "
-                        "--data pairs, reference = the model at the start; spin: every "
-                        "iteration pairs (y, z ~ the current model), reference = the current "
-                        "model, then the DPO loss")
-    g.add_argument("--sft-epochs", type=non_negative_float, default=0.0,
-                   help="K1: epochs of SFT alone before the first iteration (must be 0 for "
-                        "dpo)")
-    g.add_argument("--iterations", type=positive_int, default=1,
-                   help="H: iterations of {build offline set; train}")
-    g.add_argument("--iter-epochs", type=positive_float, default=1.0,
-                   help="K2: epochs of training in each iteration")
-    g.add_argument("--beta", type=fraction, default=0.2,
-                   help="BASH/SCS: probability of keeping the model's token (Eq. 4)")
-    g.add_argument("--mix-temperature", type=non_negative_float, default=1.0,
-                   help="BASH/SCS: temperature of the sampled z^j")
-    g.add_argument("--rac-temperature", type=non_negative_float, default=1.0,
-                   help="RAC: temperature of the sampled responses z")
-    g.add_argument("--rac-max-new-tokens", type=positive_int, default=None,
-                   help="RAC: cap on z (default: longest reference + 16)")
-    g.add_argument("--neftune-alpha", type=non_negative_float, default=5.0,
-                   help="NEFTune noise scale alpha")
-    g.add_argument("--dpo-beta", type=positive_float, default=0.1,
-                   help="DPO/SPIN: lambda, the scale of the log-ratio rewards")
-    g.add_argument("--spin-temperature", type=non_negative_float, default=1.0,
-                   help="SPIN: temperature of the sampled rejected responses z")
-    g.add_argument("--spin-max-new-tokens", type=positive_int, default=None,
-                   help="SPIN: cap on z (default: longest reference + 16)")
-    g.add_argument("--build-batch-size", type=positive_int, default=256,
-                   help="rows per decode batch when building offline sets")
-
-    g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=positive_int, default=64,
-                   help="global batch in rows per optimizer step (paper: 512)")
-    g.add_argument("--micro-batch-size", type=positive_int, default=64,
-                   help="rows per forward/backward on each process")
-    g.add_argument("--lr", type=positive_float, default=None,
-                   help="peak learning rate; default 2e-3 for --init scratch, 1e-5 for a "
-                        "pretrained checkpoint (paper: 3e-6 for Pythia-1B, 5e-6 for Mistral-7B)")
-    g.add_argument("--min-lr", type=non_negative_float, default=None,
-                   help="end of the cosine schedule (default lr / 10)")
-    g.add_argument("--warmup", type=fraction, default=0.1,
-                   help="fraction of the steps with linear warm-up")
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.1,
-                   help="AdamW decay on matrices (not biases, norms)")
-    g.add_argument("--grad-clip", type=non_negative_float, default=1.0,
-                   help="clip the global gradient norm (0: off)")
-    g.add_argument("--seed", type=non_negative_int, default=0)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="training forwards: auto = bf16 autocast on CUDA, fp32 on a CPU; bf16 "
-                        "on a CPU with bf16 instructions is about 2x faster (decoding stays fp32)")
-    g.add_argument("--device", type=device_name,
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-
-    g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=non_negative_int, default=0,
-                   help="evaluate every N steps (0: at the end of each phase)")
-    g.add_argument("--eval-max-new-tokens", type=positive_int, default=None,
-                   help="default: longest reference + 16")
-    g.add_argument("--save-every", type=non_negative_int, default=0,
-                   help="checkpoint every N steps (0: at the end of each phase)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue exactly from <out>/checkpoint, under the settings it was "
-                        "saved with")
-    g.add_argument("--resume-with-new-settings", action="store_true",
-                   help="--resume even where this command's settings differ from the saved ones")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (removed once the new run first writes)")
-    g.add_argument("--stop-after", type=non_negative_int, default=0,
-                   help="save and stop after N optimizer steps (resume later)")
-    args = p.parse_args(argv)
-    if args.method == "dpo" and args.sft_epochs:
-        p.error("--method dpo trains on the pairs from its first step: --sft-epochs must be 0 "
-                "(train SFT first, then --init from its checkpoint)")
-    if args.lr is None:
-        args.lr = 2e-3 if args.init == "scratch" else 1e-5
-    if args.micro_batch_size > args.batch_size:
-        p.error(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size "
-                f"{args.batch_size} (at most the batch)")
-    if args.min_lr is not None and args.min_lr > args.lr:
-        p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g} (the schedule decays)")
-    if args.resume and args.overwrite:
-        p.error("--resume and --overwrite exclude each other (continue the run, or replace it)")
-    if args.resume_with_new_settings and not args.resume:
-        p.error("--resume-with-new-settings goes with --resume")
-    return args
-
-
-def seed_for(seed: int, purpose: str, *coords: int) -> int:
-    """Every random stream of a run comes from here: (run seed, purpose, coordinates such as the
-    iteration and the batch) -> a seed. Streams never collide, and any one can be recomputed on
-    resume or on another rank."""
-    digest = hashlib.sha256(repr((seed, purpose, *coords)).encode()).digest()
-    return int.from_bytes(digest[:7], "little")
-
+from generate import autocast, bash_mix, generate, packed_linears, rac_labels
+from model import (GPT, checked_config, config_to_hf, from_pretrained, masked_nll, save_pretrained,
+                   token_nll)
+from plumbing import (EXPECTED, claim_out, device_name, error_line, find_checkpoint, finite,
+                      forget_replaced, fraction, load_train_state, log, non_negative_float,
+                      non_negative_int, positive_float, positive_int, release_out, run_settings,
+                      save_checkpoint, tokenizer_files)
 
 # ----------------------------------------------------------------------------------------------
-# Set-up
+# The run: Algorithm 1 (BASH) and Algorithm 2 (RAC)
 
 
-def setup_distributed(device):
-    """(rank, world size, device): torchrun sets RANK; gloo on CPU, NCCL on GPUs."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), torch.device(device)
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    cuda = torch.device(device).type == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+def train(r: Run):
+    """Train one method from a started run; returns (the final evaluation and statistics, the
+    model)."""
+    state = {"step": 0, "iteration": -1, "offline": None, "stats": {}}
+    if r.args.resume:
+        state = resume(r) or state
+    report = {"build_s": 0.0, "train_s": 0.0, "eval": {}}
+    bar = tqdm(total=r.total, initial=state["step"], desc=r.args.method, disable=r.rank != 0)
+
+    # Algorithms 1 and 2, lines 2-6: K1 steps of SFT alone
+    going = train_phase(r, state, -1, range(state["step"], r.k1), bar, report)
+    # Lines 7-18: H iterations of {the offline set with the current weights; K2 steps}
+    for it in range(r.args.iterations):
+        if not going:
+            break
+        steps = range(max(state["step"], r.k1 + it * r.k2), r.k1 + (it + 1) * r.k2)
+        if steps and state["iteration"] != it:  # line 8 (not again when resuming inside it)
+            build_iteration_set(r, state, it, report)
+        going = train_phase(r, state, it, steps, bar, report)
+    bar.close()
+    if not report["eval"] and state["step"] == r.total:  # resumed a finished run: just evaluate
+        report["eval"] = evaluate_run(r, state, "final")
+    times = {k: report[k] for k in ("build_s", "train_s")}
+    return {**report["eval"], **times, **state["stats"], "steps": state["step"],
+            "params": r.raw.num_params()}, r.raw
 
 
-def make_tokenizer(args):
-    if args.init != "scratch":
-        return load_tokenizer(args.init)
-    return byte_tokenizer() if args.tokenizer == "bytes" else gpt2_tokenizer()
-
-
-def make_model(args, tok, device):
-    if args.init != "scratch":
-        return from_pretrained(args.init, device=device)
-    fields = dict(arch=args.arch, vocab_size=tok.vocab_size, block_size=args.block_size,
-                  n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                  tie_embeddings=True, dropout=args.dropout)
-    cfg = checked_config(fields, "--init scratch", {k: "--" + k.replace("_", "-") for k in fields})
-    torch.manual_seed(seed_for(args.seed, "init"))
-    return GPT(cfg).to(device)
-
-
-def load_rows(path, tok, task, max_len, overflow, need_ref, pairs=False):
-    """Rows and the task; pairs: preference pairs, rows (x, chosen) with Row.rejected."""
-    examples = read_jsonl(path, pairs=pairs)
-    if task == "auto":
-        shapes = {e.shape for e in examples}
-        task = "chat" if "messages" in shapes else "math" if "question" in shapes else "plain"
+def run(args):
+    """Set up a run, train it, release its folder; returns train's result."""
+    r = start(args)
     try:
-        if pairs:
-            return encode_pairs(examples, tok, task, max_len, overflow), task
-        return encode_rows(examples, tok, task, max_len, overflow, need_ref=need_ref), task
-    except DataError as e:
-        raise DataError(f"{path}: {e}") from None
+        return train(r)
+    finally:
+        if r.rank == 0:
+            release_out(r.out, r.lock, r.made)
 
 
-def make_optimizer(model, args):
-    """AdamW; weight decay on matrices only, not on biases and norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+def train_phase(r: Run, state: dict, iteration: int, steps: range, bar, report: dict) -> bool:
+    """The steps of one phase (iteration -1: the K1 steps of SFT alone), then evaluate and save
+    at its end. Returns False if --stop-after ended the run inside it."""
+    a = r.args
+    method = a.method if iteration >= 0 or METHODS[a.method].noise else "sft"
+    offline = state["offline"] if iteration >= 0 else None
+    first = 0 if iteration < 0 else r.k1 + iteration * r.k2
+    order = seed_for(a.seed, "order", iteration)  # each phase shuffles the rows anew
+    for step in steps:
+        t0 = time.perf_counter()
+        idx = batch_indices(step - first, len(r.rows), a.batch_size, order)
+        terms, tokens, lr = train_step(r, step, idx, offline, method)
+        state["step"] = done = step + 1
+        dt = time.perf_counter() - t0
+        report["train_s"] += dt
+        bar.update(1)
+        bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
+        if r.rank == 0:
+            log(r.out, {"step": done, "phase": method, **terms, "lr": lr, "tok_per_s": tokens / dt})
+        end = done == steps.stop
+        if end or (a.eval_every and done % a.eval_every == 0):
+            report["eval"] = evaluate_run(r, state, f"{method}@{done}")
+        if end or (a.save_every and done % a.save_every == 0) or done == a.stop_after:
+            checkpoint(r, state)
+        if done == a.stop_after:
+            return False
+    return True
 
 
-def lr_at(step, total, args):
-    """Linear warm-up, then cosine decay to min_lr."""
-    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    warm = int(args.warmup * total)
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def steps_per_epoch(n_rows, batch_size):
-    return max(1, n_rows // batch_size)
-
-
-def batch_indices(step, n_rows, batch_size, seed):
-    """The rows of global batch `step`: a fresh seeded shuffle each epoch, so any step can be
-    recomputed on resume and every rank agrees without communication. A partial last batch is
-    dropped, so every batch splits evenly over the ranks."""
-    epoch, b = divmod(step, steps_per_epoch(n_rows, batch_size))
-    gen = torch.Generator().manual_seed(seed_for(seed, "epoch", epoch))
-    order = torch.randperm(n_rows, generator=gen)
-    return order[b * batch_size:(b + 1) * batch_size].tolist()
+def train_step(r: Run, step: int, idx: list[int], offline, method: str):
+    """One optimizer step over the global batch idx: J_SFT + the method's term (or DPO's loss),
+    accumulated over micro-batches and ranks exactly as one batch. Returns ({name: term}, tokens
+    read, lr)."""
+    m, mine = METHODS[method], idx[r.rank::r.world]
+    if m.online:  # SCS, Eq. 3: the offline rows rebuilt with the current weights at every step
+        offline = dict(zip(mine, m.build(r, r.raw, [r.rows[i] for i in mine], step)))
+    lr = lr_at(step, r.total, r.args)
+    for group in r.opt.param_groups:
+        group["lr"] = lr
+    parts = (pair_parts if m.pairs else sft_parts)(r, idx, mine, offline, m)
+    sums = torch.zeros(len(m.logged) + 1, device=r.raw.device)  # the logged terms, tokens read
+    for j, part in enumerate(parts):
+        with r.model.no_sync() if r.world > 1 and j < len(parts) - 1 else nullcontext():
+            loss, logged, tokens = part()
+            # DDP averages gradients over ranks; our loss is a global-batch sum: undo the average
+            (loss * r.world).backward()
+        sums += torch.cat([logged, logged.new_tensor([tokens])])
+    if r.world > 1:
+        dist.all_reduce(sums)
+    params = list(r.raw.parameters())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if not torch.isfinite(torch.cat([sums[:-1], norm[None]])).all():  # never step on NaN or inf
+        terms = ", ".join(f"{n} {v:.4g}" for n, v in zip(m.logged, sums.tolist()))
+        raise ValueError(f"step {step + 1}: the loss ({terms}) or the gradient norm ({norm:.4g}) "
+                         "is not finite; stopped before the update, the last checkpoint is kept "
+                         "(lower --lr, or check the data)")
+    if r.args.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, r.args.grad_clip, norm)
+    r.opt.step()
+    r.opt.zero_grad(set_to_none=True)
+    return dict(zip(m.logged, sums[:-1].tolist())), int(sums[-1]), lr
 
 
 # ----------------------------------------------------------------------------------------------
-# The rows each loss term is computed on
+# The loss: J = J_SFT + J_BASH (or J_RAC), both over the SFT tokens of the whole global batch
 
 
 class TrainRow(NamedTuple):
@@ -276,6 +163,64 @@ class TrainRow(NamedTuple):
     targets: list[int]
     mask: list[int]
     took: list[bool] | None = None
+
+
+def loss_rows(rows, idx, offline):
+    """The two terms' rows for these dataset rows: J_SFT's, and the method's own (none for SFT).
+    Footnote 3: a BASH row (x, y, ŷ) carries its SFT row (x, y) too. A RAC row with nothing
+    corrected adds nothing to J_RAC and is left out."""
+    method = [offline[i] for i in idx if any(offline[i].mask)] if offline is not None else []
+    return [sft_row(rows[i]) for i in idx], method
+
+
+def sft_tokens(rows, idx):
+    """The loss's denominator: the SFT target tokens of the whole global batch idx. Every rank
+    knows it from the lengths, without communication."""
+    return sum(len(rows[i].response) for i in idx)
+
+
+def step_loss(model, sft, method, denom, noise_alpha, device, precision="auto"):
+    """One forward over a micro-batch of SFT rows and the method's rows. Returns the two terms
+    [J_SFT part, J_BASH / J_RAC part] and the number of tokens the forward read.
+
+    Algorithm 2 lines 15-16 and Eq. 7 divide both terms by the batch size and sum tokens within
+    a row, so one BASH or RAC token weighs as much as one SFT token. The token-weighted form:
+    each term is a sum over the tokens it scores, both divided by the same number `denom`, the
+    SFT target tokens of the whole global batch."""
+    items = sft + method
+    x, y, mask = collate([r.prompt for r in items], [r.inputs for r in items],
+                         [r.targets for r in items], pad_id=0, masks=[r.mask for r in items],
+                         device=device)
+    with autocast(device, precision):
+        logits = model(x, noise_alpha=noise_alpha)
+    n = len(sft)
+    j_sft = masked_nll(logits[:n], y[:n], mask[:n], denom=denom)  # Eq. 1
+    j_method = (masked_nll(logits[n:], y[n:], mask[n:], denom=denom) if method  # Eq. 5 / Eq. 7
+                else logits.new_zeros(()))
+    return torch.stack([j_sft, j_method]), sum(len(r.prompt) + len(r.inputs) - 1 for r in items)
+
+
+def sft_parts(r: Run, idx, mine, offline, m: Method) -> list[Callable]:
+    """This rank's rows `mine` of the global batch idx as micro-batches of J = J_SFT + the
+    method's term; each part() returns (J, the logged terms, tokens read). Every term is a part of
+    a global-batch sum, so micro-batches and ranks add up to one batch."""
+    a, mb = r.args, r.args.micro_batch_size
+    sft, method = loss_rows(r.rows, mine, offline)
+    denom, noise = sft_tokens(r.rows, idx), a.neftune_alpha if m.noise else 0.0
+
+    def part(sft, method):
+        (j_sft, j_method), tokens = step_loss(r.model, sft, method, denom, noise, r.raw.device,
+                                              a.precision)
+        loss = j_sft + j_method  # J = J_SFT + J_BASH (Algorithm 1) or J_SFT + J_RAC (Eq. 7)
+        terms = [loss, j_sft, j_method][:len(m.logged)]  # SFT and NEFTune log no second term
+        return loss, torch.stack(terms).detach(), tokens
+    n = max(math.ceil(len(sft) / mb), math.ceil(len(method) / mb))
+    return [functools.partial(part, sft[j * mb:(j + 1) * mb], method[j * mb:(j + 1) * mb])
+            for j in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline set (Algorithms 1-2, line 8): the rows each loss term is computed on
 
 
 def sft_row(row) -> TrainRow:
@@ -297,6 +242,82 @@ def rac_rows(model, rows, max_new_tokens, temperature, seed, eos_id) -> list[Tra
                                     max_new_tokens, temperature=temperature, seed=seed,
                                     eos_id=eos_id)
     return [TrainRow(r.prompt, zi, zb, c) for r, zi, zb, c in zip(rows, z, zbar, corrected)]
+
+
+def build_offline(model, rows, build, batch_size, seed, rank, world) -> list:
+    """Algorithms 1-2, line 8: the offline set with the current weights, one row per row.
+    build(model, rows, seed) makes one decode batch. Whole batches are dealt to the ranks
+    round-robin and each is seeded by its own number, so the set does not depend on the ranks."""
+    model.eval()
+    starts = list(range(0, len(rows), batch_size))
+    out = {}
+    with packed_linears(model, batch_size):  # pack the weights once for every batch
+        for k in tqdm(starts[rank::world], desc="build", disable=rank != 0, leave=False):
+            made = build(model, rows[k:k + batch_size], seed_for(seed, "batch", k // batch_size))
+            out.update(zip(range(k, k + len(made)), made))
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, out)
+        out = {k: v for part in parts for k, v in part.items()}
+    model.train()
+    return [out[i] for i in range(len(rows))]
+
+
+def offline_stats(offline: list) -> dict:
+    """What the offline set holds. BASH: the share of positions that took the model's token, and
+    of those that differ from y. RAC: the share of sampled positions corrected (z̄ != z)."""
+    if isinstance(offline[0], PairRow):
+        return pair_stats(offline)
+    n = sum(len(o.inputs) for o in offline)
+    if offline[0].took is not None:
+        took = sum(sum(o.took) for o in offline)
+        differs = sum(t and a != b for o in offline for a, b, t in zip(o.inputs, o.targets, o.took))
+        return {"model_token_share": took / n, "differs_from_y_share": differs / n}
+    corrected = sum(sum(o.mask) for o in offline)
+    return {"corrected_share": corrected / max(n, 1), "mean_z_len": n / len(offline),
+            "rows_without_correction": sum(not any(o.mask) for o in offline)}
+
+
+def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
+    """Algorithms 1-2, line 8: the method's offline set with the current weights (BASH's mixed
+    responses, RAC's labels, SPIN's pairs). Methods without one (SFT, NEFTune, SCS, which mixes
+    online) keep none; DPO's pairs are built once, so its reference stays the initial model."""
+    m, t0 = METHODS[r.args.method], time.perf_counter()
+    if m.once and state["offline"] is not None:  # DPO: the reference stays the initial model
+        state.update(iteration=iteration)
+        return
+    if m.build is None or m.online:
+        state.update(iteration=iteration, offline=None, stats={})
+        return
+    offline = build_offline(r.raw, r.rows, functools.partial(m.build, r), r.args.build_batch_size,
+                            seed_for(r.args.seed, "offline", iteration), r.rank, r.world)
+    state.update(iteration=iteration, offline=offline, stats=offline_stats(offline))
+    report["build_s"] += time.perf_counter() - t0
+    if r.rank == 0:
+        log(r.out, {"step": state["step"], "iteration": iteration + 1,
+                    "build_s": round(time.perf_counter() - t0, 3), **state["stats"]})
+
+
+def build_bash(r: Run, model, rows, seed):
+    return bash_rows(model, rows, r.args.beta, r.args.mix_temperature, seed)
+
+
+def build_rac(r: Run, model, rows, seed):
+    return rac_rows(model, rows, r.rac_max_new_tokens, r.args.rac_temperature, seed, r.tok.eos_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines: SCS and NEFTune (in the table below), DPO and SPIN on pairs with the DPO loss
+
+
+def build_scs(r: Run, model, rows, step):
+    """SCS (Eq. 3-4): BASH's mixing of this step's rows with the current weights, without
+    dropout, seeded by the step."""
+    model.eval()
+    made = bash_rows(model, rows, r.args.beta, r.args.mix_temperature,
+                     seed_for(r.args.seed, "scs", step))
+    r.model.train()
+    return made
 
 
 class PairRow(NamedTuple):
@@ -335,38 +356,14 @@ def spin_rows(model, rows, max_new_tokens, temperature, seed, eos_id, micro_batc
     return pair_rows(model, rows, z, micro_batch, precision)
 
 
-def build_offline(model, rows, build, batch_size, seed, rank, world) -> list[TrainRow]:
-    """Algorithms 1-2, line 8: the offline set with the current weights, one TrainRow per row.
-    build(model, rows, seed) makes one decode batch. Whole batches are dealt to the ranks
-    round-robin and each is seeded by its own number, so the set does not depend on the ranks."""
-    model.eval()
-    starts = list(range(0, len(rows), batch_size))
-    out = {}
-    with packed_linears(model, batch_size):  # pack the weights once for every batch
-        for k in tqdm(starts[rank::world], desc="build", disable=rank != 0, leave=False):
-            made = build(model, rows[k:k + batch_size], seed_for(seed, "batch", k // batch_size))
-            out.update(zip(range(k, k + len(made)), made))
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, out)
-        out = {k: v for part in parts for k, v in part.items()}
-    model.train()
-    return [out[i] for i in range(len(rows))]
+def build_dpo(r: Run, model, rows, seed):
+    return pair_rows(model, rows, [x.rejected for x in rows], r.args.micro_batch_size,
+                     r.args.precision)
 
 
-def offline_stats(offline: list[TrainRow]) -> dict:
-    """What the offline set holds. BASH: the share of positions that took the model's token, and
-    of those that differ from y. RAC: the share of sampled positions corrected (z̄ != z)."""
-    if isinstance(offline[0], PairRow):
-        return pair_stats(offline)
-    n = sum(len(o.inputs) for o in offline)
-    if offline[0].took is not None:
-        took = sum(sum(o.took) for o in offline)
-        differs = sum(t and a != b for o in offline for a, b, t in zip(o.inputs, o.targets, o.took))
-        return {"model_token_share": took / n, "differs_from_y_share": differs / n}
-    corrected = sum(sum(o.mask) for o in offline)
-    return {"corrected_share": corrected / max(n, 1), "mean_z_len": n / len(offline),
-            "rows_without_correction": sum(not any(o.mask) for o in offline)}
+def build_spin(r: Run, model, rows, seed):
+    return spin_rows(model, rows, r.spin_max_new_tokens, r.args.spin_temperature, seed,
+                     r.tok.eos_id, r.args.micro_batch_size, r.args.precision)
 
 
 def pair_stats(offline: list[PairRow]) -> dict:
@@ -378,51 +375,11 @@ def pair_stats(offline: list[PairRow]) -> dict:
             "ref_logp_margin": sum(o.ref_chosen - o.ref_rejected for o in offline) / n}
 
 
-# ----------------------------------------------------------------------------------------------
-# Loss: J_SFT plus the method's term, both over the SFT tokens of the whole global batch
-
-
-def loss_rows(rows, idx, offline):
-    """The two terms' rows for these dataset rows: J_SFT's, and the method's own (none for SFT).
-    Footnote 3: a BASH row (x, y, ŷ) carries its SFT row (x, y) too. A RAC row with nothing
-    corrected adds nothing to J_RAC and is left out."""
-    aux = [offline[i] for i in idx if any(offline[i].mask)] if offline is not None else []
-    return [sft_row(rows[i]) for i in idx], aux
-
-
-def sft_tokens(rows, idx):
-    """The loss's denominator: the SFT target tokens of the whole global batch idx. Every rank
-    knows it from the lengths, without communication."""
-    return sum(len(rows[i].response) for i in idx)
-
-
-def step_loss(model, sft, aux, denom, noise_alpha, device, precision="auto"):
-    """One forward over a micro-batch of SFT rows and method rows. Returns [J_SFT part, J_aux
-    part] and the number of tokens the forward read.
-
-    Algorithm 2 lines 15-16 and Eq. 7 divide both terms by the batch size and sum tokens within
-    a row, so one BASH or RAC token weighs as much as one SFT token. The token-weighted form:
-    each term is a sum over the tokens it scores, both divided by the same number `denom`, the
-    SFT target tokens of the whole global batch."""
-    items = sft + aux
-    x, y, mask = collate([r.prompt for r in items], [r.inputs for r in items],
-                         [r.targets for r in items], pad_id=0, masks=[r.mask for r in items])
-    x, y, mask = x.to(device), y.to(device), mask.to(device)
-    with autocast(device, precision):
-        logits = model(x, noise_alpha=noise_alpha)
-    n = len(sft)
-    terms = [masked_nll(logits[:n], y[:n], mask[:n], denom=denom)]
-    terms.append(masked_nll(logits[n:], y[n:], mask[n:], denom=denom) if aux
-                 else logits.new_zeros(()))
-    return torch.stack(terms), sum(len(r.prompt) + len(r.inputs) - 1 for r in items)
-
-
 def sequence_logps(model, prompts, responses, device, precision="auto"):
     """log p(response | prompt) of each row: its response tokens' log-probs summed, from one
     teacher-forced forward (collate's mask leaves out the prompt and the padding). Returns the
     (n,) log-probs and the number of tokens read."""
-    x, y, mask = collate(prompts, responses, responses, pad_id=0)
-    x, y, mask = x.to(device), y.to(device), mask.to(device)
+    x, y, mask = collate(prompts, responses, responses, pad_id=0, device=device)
     with autocast(device, precision):
         logits = model(x)
     tokens = sum(len(p) + len(r) - 1 for p, r in zip(prompts, responses))
@@ -455,268 +412,36 @@ def pair_loss(model, pairs, n_pairs, beta, device, precision="auto"):
     return loss, logged, tokens
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
+def pair_parts(r: Run, idx, mine, offline, m: Method) -> list[Callable]:
+    """As sft_parts, for the DPO loss over this rank's pairs of the global batch idx."""
+    pairs, mb = [offline[i] for i in mine], r.args.micro_batch_size
+    return [functools.partial(pair_loss, r.model, pairs[j:j + mb], len(idx), r.args.dpo_beta,
+                              r.raw.device, r.args.precision) for j in range(0, len(pairs), mb)]
 
 
-@torch.no_grad()
-def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None):
-    """Validation loss (SFT, token-weighted), exact match of final answers, ROUGE for summaries."""
-    model.eval()
-    total, count = 0.0, 0
-    for k in range(0, len(rows), micro_batch):
-        sft = [sft_row(r) for r in rows[k:k + micro_batch]]
-        x, y, m = collate([r.prompt for r in sft], [r.inputs for r in sft],
-                          [r.targets for r in sft], 0)
-        logits = model(x.to(model.device))
-        total += masked_nll(logits, y.to(model.device), m.to(model.device), denom=1.0).item()
-        count += int(m.sum())
-    out = {"val_loss": total / max(count, 1)}
-    if any(r.answer is not None for r in rows) or task == "summarize":
-        texts = generate_answers(model, rows, tok, gen_batch, max_new_tokens)
-        scored = [(t, r) for t, r in zip(texts, rows) if r.answer is not None]
-        if scored:
-            out["accuracy"] = sum(extract_answer(t) == r.answer for t, r in scored) / len(scored)
-        if task == "summarize":
-            scores = [rouge(t, r.reference) for t, r in zip(texts, rows)]
-            out.update({k: sum(s[k] for s in scores) / len(scores)
-                        for k in ("rouge1", "rouge2", "rougeL")})
-        out["sample"] = texts[0]
-    model.train()
-    return out
+@dataclass(frozen=True)
+class Method:
+    """How a method differs from SFT; train.py dispatches on these fields, never on its name."""
+    logged: tuple[str, ...]  # the terms each step logs
+    build: Callable | None = None  # build(r, model, rows, seed): line 8's rows of a decode batch
+    online: bool = False  # SCS: build runs at every step, seeded by the step
+    pairs: bool = False  # DPO / SPIN: the DPO loss on PairRows instead of J_SFT + a term
+    once: bool = False  # DPO: the pairs and their reference are built at the first iteration only
+    noise: bool = False  # NEFTune: embedding noise in every phase
 
 
-def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperature=0.0, seed=0):
-    """Answers to every row's prompt, as text: greedy, or sampled at `temperature` (batch k seeded
-    by seed_for(seed, "answers", k))."""
-    room = model.config.block_size - max(len(r.prompt) for r in rows)
-    max_new = min(max_new_tokens or max(len(r.response) for r in rows) + 16, room)
-    texts = []
-    with packed_linears(model, batch_size):
-        for k in range(0, len(rows), batch_size):
-            chunk = rows[k:k + batch_size]
-            gen = generate(model, [r.prompt for r in chunk], max_new, temperature,
-                           eos_id=tok.eos_id, seed=seed_for(seed, "answers", k // batch_size))
-            texts += [tok.decode([t for t in g if t != tok.eos_id]) for g in gen]
-    return texts
+SFT_TERMS, PAIR_TERMS = ("loss", "j_sft"), ("loss", "reward_accuracy", "reward_margin")
+METHODS = {"sft": Method(SFT_TERMS),
+           "bash": Method(SFT_TERMS + ("j_bash",), build_bash),
+           "rac": Method(SFT_TERMS + ("j_rac",), build_rac),
+           "scs": Method(SFT_TERMS + ("j_scs",), build_scs, online=True),
+           "neftune": Method(SFT_TERMS, noise=True),
+           "dpo": Method(PAIR_TERMS, build_dpo, pairs=True, once=True),
+           "spin": Method(PAIR_TERMS, build_spin, pairs=True)}
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: model in the Hugging Face layout + training state, replaced atomically
-
-
-def tokenizer_files(folder) -> list[Path]:
-    """The tokenizer files of --init that a checkpoint carries (none may be a link elsewhere)."""
-    paths = [inside(Path(folder), name) for name in TOKENIZER_FILES] if folder else []
-    return [f for f in paths if f.exists()]
-
-
-def save_checkpoint(model, opt, state, out: Path, extra_config, tokenizer_dir, run_info=None):
-    """Write out/checkpoint.tmp completely, then swap it in: at every moment a whole checkpoint
-    exists at out/checkpoint or out/checkpoint.old. run_info: run.json, what --resume checks."""
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, extra_config)
-    for f in tokenizer_files(tokenizer_dir):  # self-contained for generate.py and transformers
-        shutil.copy(f, tmp / f.name)
-    if run_info is not None:
-        (tmp / "run.json").write_text(json.dumps(run_info, indent=1))
-    torch.save({**state, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / "train_state.pt")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(out: Path):
-    for d in (out / "checkpoint", out / "checkpoint.old"):
-        if (d / "train_state.pt").exists():
-            return d
-    raise FileNotFoundError(f"--resume: no checkpoint in {out} "
-                            "(looked for checkpoint/ and checkpoint.old/)")
-
-
-def resume(model, opt, out: Path, record=TrainRow) -> dict | None:
-    """Load the weights, the optimizer and every random state saved in out's checkpoint; return
-    the saved training state (step, iteration, offline set of `record`s, its statistics), or None
-    for a run killed before its first checkpoint (claim_out has checked the folder holds a run)."""
-    try:
-        ckpt = find_checkpoint(out)
-    except FileNotFoundError:
-        return None
-    try:
-        model.load_state_dict(from_pretrained(ckpt, device=model.device).state_dict())
-    except RuntimeError:  # sizes differ: --resume-with-new-settings cannot change the model
-        raise ValueError(f"{ckpt}: its weights do not fit this run's model (resume with the "
-                         "model flags it was saved with)") from None
-    try:
-        saved = torch.load(ckpt / "train_state.pt", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise ValueError(f"{ckpt / 'train_state.pt'}: unreadable ({e})") from None
-    opt.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["rng"])
-    if saved["cuda_rng"]:
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    offline = saved["offline"] and [record(*o) for o in saved["offline"]]
-    return {"step": saved["step"], "iteration": saved["iteration"], "offline": offline,
-            "stats": saved["stats"]}
-
-
-def finite(record: dict) -> dict:
-    """NaN and inf as the strings 'nan' and 'inf': a log line stays valid JSON."""
-    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in record.items()}
-
-
-def log(out: Path, record: dict):
-    forget_replaced(out)
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(finite(record), allow_nan=False) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folders: one run per --out, locked for the run's life; --resume checks the saved settings
-
-RUN_ENTRIES = ("checkpoint", "checkpoint.old", "log.jsonl")  # any of these: the folder holds a run
-# What does not change the result: where it is written, how often it reports, the device. Not
-# compared on --resume (the model, tokenizer and data are compared by content instead of path).
-NOT_COMPARED = {"out", "device", "eval_every", "save_every", "stop_after", "resume", "overwrite",
-                "resume_with_new_settings", "build_batch_size", "eval_data", "eval_max_new_tokens",
-                "init", "data"}
-
-
-def run_settings(args, tok, raw) -> dict:
-    """The settings that decide a run's result, as saved in its checkpoint's run.json."""
-    s = {k: v for k, v in vars(args).items() if k not in NOT_COMPARED}
-    s.update({f"model.{k}": v for k, v in config_to_hf(raw.config).items()})
-    s.update(tokenizer=f"{tok.name} ({tok.vocab_size} tokens)",
-             data_sha256=hashlib.sha256(Path(args.data).read_bytes()).hexdigest())
-    return json.loads(json.dumps(s))  # as it reads back from run.json
-
-
-def lock_out(out: Path) -> int:
-    """Hold out/.lock for the run's life (flock), our PID written in it for a second run's
-    message. The kernel drops the lock when its holder dies: a killed run's lock is taken over."""
-    path = out / ".lock"
-    for _ in range(3):  # the file may be unlinked by its holder between our open and our flock
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ValueError(f"--out {out}: in use by another run, process {holder} (wait for "
-                             "it to end, or choose another --out)") from None
-        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            return fd
-        os.close(fd)
-    raise ValueError(f"--out {out}: the lock keeps changing hands (try again)")
-
-
-def claim_out(out: Path, args, settings) -> tuple[int, Path | None]:
-    """Create and lock --out (only now, once everything else was checked), then make it ready.
-    Returns (the lock, the highest folder we created or None) for release_out."""
-    made = ([p for p in (out, *out.parents) if not p.exists()] or [None])[-1]
-    if made and args.resume:
-        raise ValueError(f"--out {out}: does not exist, so there is no run to --resume "
-                         "(check the path)")
-    out.mkdir(parents=True, exist_ok=True)
-    fd = None
-    try:
-        fd = lock_out(out)
-        prepare_out(out, args, settings)
-        return fd, made
-    except BaseException:
-        release_out(out, fd, made)
-        raise
-
-
-def prepare_out(out: Path, args, settings):
-    """Clear what a killed run left half-done, then refuse a folder holding another run unless
-    --resume (settings checked) or --overwrite (the old run set aside until the new one writes)."""
-    shutil.rmtree(out / "checkpoint.tmp", ignore_errors=True)  # a save cut short: never valid
-    shutil.rmtree(out / ".replaced.del", ignore_errors=True)
-    restore_replaced(out)
-    replaced, held = out / ".replaced", [n for n in RUN_ENTRIES if (out / n).exists()]
-    if args.resume:
-        if not held:
-            raise ValueError(f"--out {out}: holds no run to --resume (no checkpoint or log.jsonl)")
-        check_resume(out, args, settings)
-    elif held:
-        if not args.overwrite:
-            raise ValueError(f"--out {out}: holds a run ({', '.join(held)}) (--resume to continue "
-                             "it, --overwrite to replace it, or choose another --out)")
-        replaced.mkdir()
-        for name in held:
-            (out / name).rename(replaced / name)
-
-
-def check_resume(out: Path, args, settings):
-    """--resume: the checkpoint's saved settings must equal this run's (or, with
-    --resume-with-new-settings, its model must); the log is cut back to where the checkpoint was
-    taken, so the steps after it are logged once, when they are redone."""
-    try:
-        ckpt = find_checkpoint(out)
-    except FileNotFoundError:  # killed before its first checkpoint: a fresh start
-        print(f"{out}: no complete checkpoint yet, starting from step 0", file=sys.stderr)
-        info = {"settings": settings, "log_bytes": 0}
-    else:
-        info = read_json(inside(ckpt, "run.json")) if (ckpt / "run.json").exists() else {}
-    saved = info.get("settings")
-    if not isinstance(saved, dict):
-        if not args.resume_with_new_settings:
-            raise ValueError(f"{ckpt}: has no run.json with its settings (made by an older "
-                             "train.py); add --resume-with-new-settings to continue anyway")
-        saved = settings
-    diff = [k for k in sorted(settings.keys() | saved.keys()) if settings.get(k) != saved.get(k)]
-    if diff and (not args.resume_with_new_settings or any(k.startswith("model.") for k in diff)):
-        what = ", ".join(f"{'--' + k.replace('_', '-') if k in vars(args) else k} "
-                         f"{settings.get(k)} (saved: {saved.get(k)})" for k in diff)
-        raise ValueError(f"--resume: {out} was trained with other settings: {what} (run with the "
-                         "saved ones, or add --resume-with-new-settings; the model cannot change)")
-    if isinstance(info.get("log_bytes"), int) and (out / "log.jsonl").exists():
-        os.truncate(out / "log.jsonl", info["log_bytes"])
-
-
-def restore_replaced(out: Path):
-    """An --overwrite run that ended (or was killed) before it wrote: the old run is still the
-    run, put it back."""
-    if (out / ".replaced").exists():
-        for entry in (out / ".replaced").iterdir():
-            entry.rename(out / entry.name)
-        (out / ".replaced").rmdir()
-
-
-def forget_replaced(out: Path):
-    """--overwrite: the old run is removed when the new one first writes (renamed first, so a
-    kill mid-removal never leaves half an old run to be restored)."""
-    if (out / ".replaced").exists():
-        (out / ".replaced").rename(out / ".replaced.del")
-        shutil.rmtree(out / ".replaced.del")
-
-
-def release_out(out: Path, fd, made: Path | None):
-    """Drop the lock; remove the folders claim_out created if the run left nothing in them."""
-    restore_replaced(out)
-    if fd is not None:
-        (out / ".lock").unlink(missing_ok=True)
-        os.close(fd)
-    for d in (out, *out.parents):
-        if not made or not d.is_relative_to(made):
-            break
-        try:
-            d.rmdir()
-        except OSError:  # not empty: the run wrote something
-            break
-
-
-# ----------------------------------------------------------------------------------------------
-# One run: Algorithm 1 (BASH) and Algorithm 2 (RAC)
+# Set-up: processes, tokenizer, model, data, optimizer, the step plan
 
 
 @dataclass
@@ -737,8 +462,8 @@ class Run:
     k2: int  # steps in each of the H iterations (lines 7-18)
     rac_max_new_tokens: int
     spin_max_new_tokens: int
-    settings: dict  # what --resume compares (run_settings)
-    lock: int | None = None  # rank 0 holds out/.lock (claim_out)
+    settings: dict  # what --resume compares (plumbing.run_settings)
+    lock: int | None = None  # rank 0 holds out/.lock (plumbing.claim_out)
     made: Path | None = None  # the folder claim_out created, removed again if left empty
 
     @property
@@ -747,7 +472,7 @@ class Run:
 
 
 def start(args) -> Run:
-    """Set up a run: processes, tokenizer, model, data, optimizer, the step plan."""
+    """Set up a run: processes, tokenizer, model, data, optimizer, the step plan, the folder."""
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(seed_for(args.seed, "torch"))  # dropout and NEFTune noise
     tok = make_tokenizer(args)
@@ -759,8 +484,7 @@ def start(args) -> Run:
                            pairs=args.method == "dpo")
     eval_rows = load_rows(args.eval_data, tok, task, max_len, args.overflow,
                           False)[0] if args.eval_data else []
-    room = max_len - max(len(r.prompt) for r in rows)
-    cap = min(max(len(r.response) for r in rows) + 16, room)  # RAC's and SPIN's default cap on z
+    cap = new_token_cap(rows, max_len)  # RAC's and SPIN's default cap on z
     per_epoch = check_plan(args, len(rows), world)
     model = raw
     if world > 1:
@@ -769,23 +493,119 @@ def start(args) -> Run:
     if args.compile:
         model = torch.compile(model)
     out = Path(args.out or f"out/{args.method}")
-    opt, settings = make_optimizer(raw, args), run_settings(args, tok, raw)
+    opt, settings = make_optimizer(raw, args), run_settings(args, tok, config_to_hf(raw.config))
     lock, made, failed = None, None, None
     if rank == 0:  # only rank 0 writes; the others hear whether it could claim the folder
         try:
             lock, made = claim_out(out, args, settings)
         except EXPECTED as e:
             failed = error_line(e).removeprefix("error: ")
-    if world > 1:
-        box = [failed]
-        dist.broadcast_object_list(box, src=0)
-        failed = box[0]
+    failed = from_rank0(failed, world)
     if failed:
         raise ValueError(failed)
     return Run(args, rank, world, tok, task, rows, eval_rows, raw, model, opt, out,
                round(args.sft_epochs * per_epoch), round(args.iter_epochs * per_epoch),
                args.rac_max_new_tokens or cap, args.spin_max_new_tokens or cap, settings, lock,
                made)
+
+
+def seed_for(seed: int, purpose: str, *coords: int) -> int:
+    """Every random stream of a run comes from here: (run seed, purpose, coordinates such as the
+    iteration and the batch) -> a seed. Streams never collide, and any one can be recomputed on
+    resume or on another rank."""
+    digest = hashlib.sha256(repr((seed, purpose, *coords)).encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def setup_distributed(device):
+    """(rank, world size, device): torchrun sets RANK; gloo on CPU, NCCL on GPUs."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), torch.device(device)
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    cuda = torch.device(device).type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+def from_rank0(value, world):
+    """Rank 0's value on every rank (what only rank 0 computed: its folder, its evaluation)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def make_tokenizer(args):
+    if args.init != "scratch":
+        return load_tokenizer(args.init)
+    return byte_tokenizer() if args.tokenizer == "bytes" else gpt2_tokenizer()
+
+
+def make_model(args, tok, device):
+    if args.init != "scratch":
+        return from_pretrained(args.init, device=device)
+    fields = dict(arch=args.arch, vocab_size=tok.vocab_size, block_size=args.block_size,
+                  n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                  tie_embeddings=True, dropout=args.dropout)
+    cfg = checked_config(fields, "--init scratch", {k: "--" + k.replace("_", "-") for k in fields})
+    torch.manual_seed(seed_for(args.seed, "init"))
+    return GPT(cfg).to(device)
+
+
+def load_rows(path, tok, task, max_len, overflow, need_ref, pairs=False):
+    """Rows and the task; pairs: preference pairs, rows (x, chosen) with Row.rejected."""
+    examples = read_jsonl(path, pairs=pairs)
+    if task == "auto":
+        shapes = {e.shape for e in examples}
+        task = "chat" if "messages" in shapes else "math" if "question" in shapes else "plain"
+    try:
+        if pairs:
+            return encode_pairs(examples, tok, task, max_len, overflow), task
+        return encode_rows(examples, tok, task, max_len, overflow, need_ref=need_ref), task
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+def new_token_cap(rows, context: int) -> int:
+    """The default cap on generated responses: the longest reference + 16, within the context."""
+    return min(max(len(r.response) for r in rows) + 16, context - max(len(r.prompt) for r in rows))
+
+
+def make_optimizer(model, args):
+    """AdamW; weight decay on matrices only, not on biases and norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+
+
+def lr_at(step, total, args):
+    """Linear warm-up, then cosine decay to min_lr."""
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    warm = int(args.warmup * total)
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def steps_per_epoch(n_rows, batch_size):
+    return max(1, n_rows // batch_size)
+
+
+def batch_indices(step, n_rows, batch_size, seed):
+    """The rows of global batch `step`: a fresh seeded shuffle each epoch, so any step can be
+    recomputed on resume and every rank agrees without communication. A partial last batch is
+    dropped, so every batch splits evenly over the ranks."""
+    epoch, b = divmod(step, steps_per_epoch(n_rows, batch_size))
+    gen = torch.Generator().manual_seed(seed_for(seed, "epoch", epoch))
+    order = torch.randperm(n_rows, generator=gen)
+    return order[b * batch_size:(b + 1) * batch_size].tolist()
 
 
 def check_model(args, tok, raw, max_len):
@@ -813,95 +633,49 @@ def check_plan(args, n_rows, world) -> int:
     return per_epoch
 
 
-def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
-    """Algorithms 1-2, line 8: BASH's mixed responses, RAC's labels or SPIN's pairs, with the
-    current weights. DPO's pairs and their reference log-probs are built once, at the first
-    iteration. SFT and NEFTune have no offline set; SCS mixes online at each step instead."""
-    a, t0 = r.args, time.perf_counter()
-    if a.method == "dpo" and state["offline"] is not None:  # the reference stays the initial model
-        state.update(iteration=iteration)
-        return
-    if a.method == "dpo":
-        build = lambda m, rows, s: pair_rows(m, rows, [x.rejected for x in rows],  # noqa: E731
-                                             a.micro_batch_size, a.precision)
-    elif a.method == "spin":
-        build = lambda m, rows, s: spin_rows(m, rows, r.spin_max_new_tokens,  # noqa: E731
-                                             a.spin_temperature, s, r.tok.eos_id,
-                                             a.micro_batch_size, a.precision)
-    elif a.method == "bash":
-        build = lambda m, rows, s: bash_rows(m, rows, a.beta, a.mix_temperature, s)  # noqa: E731
-    elif a.method == "rac":
-        build = lambda m, rows, s: rac_rows(m, rows, r.rac_max_new_tokens,  # noqa: E731
-                                            a.rac_temperature, s, r.tok.eos_id)
-    else:
-        state.update(iteration=iteration, offline=None, stats={})
-        return
-    offline = build_offline(r.raw, r.rows, build, a.build_batch_size,
-                            seed_for(a.seed, "offline", iteration), r.rank, r.world)
-    state.update(iteration=iteration, offline=offline, stats=offline_stats(offline))
-    report["build_s"] += time.perf_counter() - t0
-    if r.rank == 0:
-        log(r.out, {"step": state["step"], "iteration": iteration + 1,
-                    "build_s": round(time.perf_counter() - t0, 3), **state["stats"]})
+# ----------------------------------------------------------------------------------------------
+# Evaluation and checkpoints
 
 
-def micro_batches(r: Run, idx: list[int], mine: list[int], offline, method: str):
-    """This rank's rows `mine` of the global batch idx, cut into micro-batches; the loss of one
-    micro-batch as (the loss to backpropagate, the terms to log, tokens read); the terms' names.
-    Each term is a part of a global-batch sum, so micro-batches and ranks add up to one batch."""
-    a, mb, device = r.args, r.args.micro_batch_size, r.raw.device
-    if method in PREFERENCE:
-        pairs = [offline[i] for i in mine]
-        return ([pairs[j:j + mb] for j in range(0, len(pairs), mb)],
-                lambda chunk: pair_loss(r.model, chunk, len(idx), a.dpo_beta, device,
-                                        a.precision),
-                ("loss", "reward_accuracy", "reward_margin"))
-    noise = a.neftune_alpha if a.method == "neftune" else 0.0
-    sft, aux = loss_rows(r.rows, mine, offline)
-    denom = sft_tokens(r.rows, idx)
+@torch.no_grad()
+def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None):
+    """Validation loss (SFT, token-weighted), exact match of final answers, ROUGE for summaries."""
+    model.eval()
+    total, count = 0.0, 0
+    for k in range(0, len(rows), micro_batch):
+        sft = [sft_row(r) for r in rows[k:k + micro_batch]]
+        terms, _ = step_loss(model, sft, [], 1.0, 0.0, model.device, "fp32")
+        total += terms[0].item()
+        count += sum(len(r.targets) for r in sft)
+    out = {"val_loss": total / max(count, 1)}
+    if any(r.answer is not None for r in rows) or task == "summarize":
+        texts = generate_answers(model, rows, tok, gen_batch, max_new_tokens)
+        scored = [(t, r) for t, r in zip(texts, rows) if r.answer is not None]
+        if scored:
+            out["accuracy"] = sum(extract_answer(t) == r.answer for t, r in scored) / len(scored)
+        if task == "summarize":
+            scores = [rouge(t, r.reference) for t, r in zip(texts, rows)]
+            out.update({k: sum(s[k] for s in scores) / len(scores)
+                        for k in ("rouge1", "rouge2", "rougeL")})
+        out["sample"] = texts[0]
+    model.train()
+    return out
 
-    def loss_of(chunk):
-        terms, tokens = step_loss(r.model, *chunk, denom, noise, device, a.precision)
-        return terms.sum(), torch.cat([terms.sum()[None], terms]).detach(), tokens
-    n_micro = max(math.ceil(len(sft) / mb), math.ceil(len(aux) / mb))
-    return ([(sft[j * mb:(j + 1) * mb], aux[j * mb:(j + 1) * mb]) for j in range(n_micro)],
-            loss_of, ("loss", "sft_loss", "aux_loss"))
 
-
-def train_step(r: Run, step: int, idx: list[int], offline, method: str):
-    """One optimizer step over the global batch idx: J_SFT + the method's term (or DPO's loss),
-    accumulated over micro-batches and ranks exactly as one batch. Returns ({name: term}, tokens
-    read, lr)."""
-    a, mine = r.args, idx[r.rank::r.world]
-    if method == "scs":  # Eq. 3: the mixing redone with the current weights at every step
-        r.raw.eval()  # sample as BASH does, without dropout
-        offline = dict(zip(mine, bash_rows(r.raw, [r.rows[i] for i in mine], a.beta,
-                                           a.mix_temperature, seed_for(a.seed, "scs", step))))
-        r.model.train()
-    lr = lr_at(step, r.total, a)
-    for group in r.opt.param_groups:
-        group["lr"] = lr
-    chunks, loss_of, names = micro_batches(r, idx, mine, offline, method)
-    sums = torch.zeros(len(names) + 1, device=r.raw.device)  # the logged terms, tokens read
-    for j, chunk in enumerate(chunks):
-        with r.model.no_sync() if r.world > 1 and j < len(chunks) - 1 else nullcontext():
-            loss, logged, tokens = loss_of(chunk)
-            # DDP averages gradients over ranks; our loss is a global-batch sum: undo the average
-            (loss * r.world).backward()
-        sums += torch.cat([logged, logged.new_tensor([tokens])])
-    if r.world > 1:
-        dist.all_reduce(sums)
-    params = list(r.raw.parameters())
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if not torch.isfinite(torch.cat([sums[:2], norm[None]])).all():  # never step on NaN or inf
-        raise ValueError(f"step {step + 1}: the loss (J_SFT {sums[0]:.4g}, J_aux {sums[1]:.4g}) "
-                         f"or the gradient norm ({norm:.4g}) is not finite; stopped before the "
-                         "update, the last checkpoint is kept (lower --lr, or check the data)")
-    if a.grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, a.grad_clip, norm)
-    r.opt.step()
-    r.opt.zero_grad(set_to_none=True)
-    return dict(zip(names, sums[:-1].tolist())), int(sums[-1]), lr
+def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperature=0.0, seed=0):
+    """Answers to every row's prompt, as text: greedy, or sampled at `temperature` (batch k seeded
+    by seed_for(seed, "answers", k))."""
+    block = model.config.block_size
+    max_new = (min(max_new_tokens, block - max(len(r.prompt) for r in rows)) if max_new_tokens
+               else new_token_cap(rows, block))
+    texts = []
+    with packed_linears(model, batch_size):
+        for k in range(0, len(rows), batch_size):
+            chunk = rows[k:k + batch_size]
+            gen = generate(model, [r.prompt for r in chunk], max_new, temperature,
+                           eos_id=tok.eos_id, seed=seed_for(seed, "answers", k // batch_size))
+            texts += [tok.decode([t for t in g if t != tok.eos_id]) for g in gen]
+    return texts
 
 
 def evaluate_run(r: Run, state: dict, tag: str) -> dict:
@@ -912,95 +686,157 @@ def evaluate_run(r: Run, state: dict, tag: str) -> dict:
         res = evaluate(r.raw, r.eval_rows, r.tok, r.task, a.micro_batch_size,
                        a.build_batch_size, a.eval_max_new_tokens)
         log(r.out, {"step": state["step"], "phase": tag, **res})
-    if r.world > 1:
-        box = [res]
-        dist.broadcast_object_list(box, src=0)
-        res = box[0]
-    return res
+    return from_rank0(res, r.world)
 
 
 def checkpoint(r: Run, state: dict):
+    """Save the model, the optimizer and the run's state on rank 0 (plumbing.save_checkpoint)."""
     if r.rank == 0:
         if not all(torch.isfinite(p).all() for p in r.raw.parameters()):  # never save NaN
             raise ValueError(f"step {state['step']}: the weights are not finite; the last "
                              "checkpoint is kept (lower --lr)")
-        forget_replaced(r.out)
         saved = {**state, "offline": state["offline"] and [tuple(o) for o in state["offline"]]}
         extra = {"tiktoken": r.tok.name} if r.tok.name in ("bytes", "r50k_base") else {}
+        forget_replaced(r.out)
         log_file = r.out / "log.jsonl"
         info = {"settings": r.settings, "log_bytes": log_file.stat().st_size
                 if log_file.exists() else 0}  # where --resume cuts the log back to
-        save_checkpoint(r.raw, r.opt, saved, r.out, extra,
+        save_checkpoint(lambda folder: save_pretrained(r.raw, folder, extra), r.opt, saved, r.out,
                         None if r.args.init == "scratch" else r.args.init, info)
     if r.world > 1:
         dist.barrier()
 
 
-def train_phase(r: Run, state: dict, iteration: int, steps: range, bar, report: dict) -> bool:
-    """The steps of one phase (iteration -1: the K1 steps of SFT alone), then evaluate and save
-    at its end. Returns False if --stop-after ended the run inside it."""
-    a = r.args
-    method = "sft" if iteration < 0 and a.method != "neftune" else a.method
-    offline = state["offline"] if iteration >= 0 else None
-    first = 0 if iteration < 0 else r.k1 + iteration * r.k2
-    order = seed_for(a.seed, "order", iteration)  # each phase shuffles the rows anew
-    for step in steps:
-        t0 = time.perf_counter()
-        idx = batch_indices(step - first, len(r.rows), a.batch_size, order)
-        terms, tokens, lr = train_step(r, step, idx, offline, method)
-        state["step"] = done = step + 1
-        dt = time.perf_counter() - t0
-        report["train_s"] += dt
-        loss = terms["loss"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
-        if r.rank == 0:
-            log(r.out, {"step": done, "phase": method, **terms, "lr": lr, "tok_per_s": tokens / dt})
-        end = done == steps.stop
-        if end or (a.eval_every and done % a.eval_every == 0):
-            report["eval"] = evaluate_run(r, state, f"{method}@{done}")
-        if end or (a.save_every and done % a.save_every == 0) or done == a.stop_after:
-            checkpoint(r, state)
-        if done == a.stop_after:
-            return False
-    return True
-
-
-def run(args):
-    """Train one method; returns (the final evaluation and statistics, the model)."""
-    r = start(args)
+def resume(r: Run) -> dict | None:
+    """Load the weights, the optimizer and every random state saved in the run's checkpoint;
+    return the saved training state, or None for a run killed before its first checkpoint
+    (claim_out has checked the folder holds a run)."""
     try:
-        return run_started(r)
-    finally:
-        if r.rank == 0:
-            release_out(r.out, r.lock, r.made)
+        ckpt = find_checkpoint(r.out)
+    except FileNotFoundError:
+        return None
+    try:
+        r.raw.load_state_dict(from_pretrained(ckpt, device=r.raw.device).state_dict())
+    except RuntimeError:  # sizes differ: --resume-with-new-settings cannot change the model
+        raise ValueError(f"{ckpt}: its weights do not fit this run's model (resume with the "
+                         "model flags it was saved with)") from None
+    return load_train_state(ckpt, r.opt, PairRow if METHODS[r.args.method].pairs else TrainRow)
 
 
-def run_started(r: Run):
-    args = r.args
-    state = {"step": 0, "iteration": -1, "offline": None, "stats": {}}
-    if args.resume:
-        state = resume(r.raw, r.opt, r.out,
-                       PairRow if args.method in PREFERENCE else TrainRow) or state
-    report = {"build_s": 0.0, "train_s": 0.0, "eval": {}}
-    bar = tqdm(total=r.total, initial=state["step"], desc=args.method, disable=r.rank != 0)
+# ----------------------------------------------------------------------------------------------
+# Command line (every flag range-checked when parsed; long explanations are in the README)
 
-    # Algorithms 1 and 2, lines 2-6: K1 steps of SFT alone
-    going = train_phase(r, state, -1, range(state["step"], r.k1), bar, report)
-    # Lines 7-18: H iterations of {the offline set with the current weights; K2 steps}
-    for it in range(args.iterations):
-        if not going:
-            break
-        steps = range(max(state["step"], r.k1 + it * r.k2), r.k1 + (it + 1) * r.k2)
-        if steps and state["iteration"] != it:  # line 8 (not again when resuming inside it)
-            build_iteration_set(r, state, it, report)
-        going = train_phase(r, state, it, steps, bar, report)
-    bar.close()
-    if not report["eval"] and state["step"] == r.total:  # resumed a finished run: just evaluate
-        report["eval"] = evaluate_run(r, state, "final")
-    times = {k: report[k] for k in ("build_s", "train_s")}
-    return {**report["eval"], **times, **state["stats"], "steps": state["step"],
-            "params": r.raw.num_params()}, r.raw
+
+def get_args(argv=None):
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass  # show defaults, keep the docstring's example commands on their own lines
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--init", default="scratch",
+                   help="'scratch', or a checkpoint directory (config.json + model.safetensors)")
+    g.add_argument("--data", required=True,
+                   help="training JSONL: {prompt,response}, {messages} or {question,answer}; "
+                        "for dpo pairs {prompt|messages,chosen,rejected}")
+    g.add_argument("--eval-data", default=None, help="evaluation JSONL (same shapes)")
+    g.add_argument("--task", default="auto", choices=("auto",) + TASKS,
+                   help="prompt templates; auto: chat for messages, math for question, else plain")
+    g.add_argument("--out", default=None, help="output directory (default out/<method>)")
+    g.add_argument("--max-len", type=positive_int, default=None,
+                   help="longest row in tokens (default: the model's block size)")
+    g.add_argument("--overflow", default="truncate", choices=("truncate", "fail"),
+                   help="a row longer than --max-len: cut its response, or stop with an error")
+    g.add_argument("--tokenizer", default="bytes", choices=("bytes", "r50k_base"),
+                   help="tokenizer for --init scratch")
+    g.add_argument("--arch", default="llama", choices=("gpt2", "llama"),
+                   help="family for --init scratch")
+    g.add_argument("--n-layer", type=positive_int, default=4, help="--init scratch: layers")
+    g.add_argument("--n-head", type=positive_int, default=4, help="--init scratch: attention heads")
+    g.add_argument("--n-embd", type=positive_int, default=128, help="--init scratch: width")
+    g.add_argument("--block-size", type=positive_int, default=256, help="--init scratch: context")
+    g.add_argument("--dropout", type=fraction, default=0.0, help="--init scratch: dropout")
+
+    g = p.add_argument_group("method (Algorithms 1 and 2)")
+    g.add_argument("--method", default="sft", choices=tuple(METHODS),
+                   help="sft, bash, rac; baselines scs, neftune, dpo, spin (README)")
+    g.add_argument("--sft-epochs", type=non_negative_float, default=0.0,
+                   help="K1: epochs of SFT alone before the first iteration (0 for dpo)")
+    g.add_argument("--iterations", type=positive_int, default=1,
+                   help="H: iterations of {build offline set; train}")
+    g.add_argument("--iter-epochs", type=positive_float, default=1.0,
+                   help="K2: epochs of training in each iteration")
+    g.add_argument("--beta", type=fraction, default=0.2,
+                   help="BASH/SCS: probability of keeping the model's token (Eq. 4)")
+    g.add_argument("--mix-temperature", type=non_negative_float, default=1.0,
+                   help="BASH/SCS: temperature of the sampled z^j")
+    g.add_argument("--rac-temperature", type=non_negative_float, default=1.0,
+                   help="RAC: temperature of the sampled responses z")
+    g.add_argument("--rac-max-new-tokens", type=positive_int, default=None,
+                   help="RAC: cap on z (default: longest reference + 16)")
+    g.add_argument("--neftune-alpha", type=non_negative_float, default=5.0,
+                   help="NEFTune noise scale alpha")
+    g.add_argument("--dpo-beta", type=positive_float, default=0.1,
+                   help="DPO/SPIN: lambda, the scale of the log-ratio rewards")
+    g.add_argument("--spin-temperature", type=non_negative_float, default=1.0,
+                   help="SPIN: temperature of the sampled rejected responses z")
+    g.add_argument("--spin-max-new-tokens", type=positive_int, default=None,
+                   help="SPIN: cap on z (default: longest reference + 16)")
+    g.add_argument("--build-batch-size", type=positive_int, default=256,
+                   help="rows per decode batch when building offline sets")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=positive_int, default=64,
+                   help="global batch in rows per optimizer step (paper: 512)")
+    g.add_argument("--micro-batch-size", type=positive_int, default=64,
+                   help="rows per forward/backward on each process")
+    g.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate; default 2e-3 for --init scratch, 1e-5 pretrained")
+    g.add_argument("--min-lr", type=non_negative_float, default=None,
+                   help="end of the cosine schedule (default lr / 10)")
+    g.add_argument("--warmup", type=fraction, default=0.1,
+                   help="fraction of the steps with linear warm-up")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.1,
+                   help="AdamW decay on matrices (not biases, norms)")
+    g.add_argument("--grad-clip", type=non_negative_float, default=1.0,
+                   help="clip the global gradient norm (0: off)")
+    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="training forwards: auto = bf16 on CUDA, fp32 on a CPU")
+    g.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=non_negative_int, default=0,
+                   help="evaluate every N steps (0: at the end of each phase)")
+    g.add_argument("--eval-max-new-tokens", type=positive_int, default=None,
+                   help="default: longest reference + 16")
+    g.add_argument("--save-every", type=non_negative_int, default=0,
+                   help="checkpoint every N steps (0: at the end of each phase)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue exactly from <out>/checkpoint, under its saved settings")
+    g.add_argument("--resume-with-new-settings", action="store_true",
+                   help="--resume even where this command's settings differ from the saved ones")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (removed once the new run first writes)")
+    g.add_argument("--stop-after", type=non_negative_int, default=0,
+                   help="save and stop after N optimizer steps (resume later)")
+    args = p.parse_args(argv)
+    if args.method == "dpo" and args.sft_epochs:
+        p.error("--method dpo trains on the pairs from its first step: --sft-epochs must be 0 "
+                "(train SFT first, then --init from its checkpoint)")
+    if args.lr is None:
+        args.lr = 2e-3 if args.init == "scratch" else 1e-5
+    if args.micro_batch_size > args.batch_size:
+        p.error(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size "
+                f"{args.batch_size} (at most the batch)")
+    if args.min_lr is not None and args.min_lr > args.lr:
+        p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g} (the schedule decays)")
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other (continue the run, or replace it)")
+    if args.resume_with_new_settings and not args.resume:
+        p.error("--resume-with-new-settings goes with --resume")
+    return args
 
 
 def main(argv=None):

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 from make_pairs import make_pairs  # noqa: E402
 from data import BUILTIN_FORMS, builtin_task, load_tokenizer  # noqa: E402
-from generate import device_name, positive_int  # noqa: E402
+from plumbing import device_name, positive_int  # noqa: E402
 from model import from_pretrained  # noqa: E402
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,

@@ -490,8 +490,8 @@ def test_scs_in_training_loop_mixes_with_current_weights(tmp_path, monkeypatch):
         n = sum(map(len, call["responses"]))
         j_sft = sum(row_nll(m, x, y, y)[0] for x, y in zip(call["prompts"], call["responses"])) / n
         j_scs = sum(row_nll(m, x, yh, y)[0] for x, yh, y in zip(call["prompts"], call["mixed"], call["responses"])) / n
-        assert rec["sft_loss"] == pytest.approx(j_sft, rel=1e-4)
-        assert rec["aux_loss"] == pytest.approx(j_scs, rel=1e-4)
+        assert rec["j_sft"] == pytest.approx(j_sft, rel=1e-4)
+        assert rec["j_scs"] == pytest.approx(j_scs, rel=1e-4)
         assert rec["loss"] == pytest.approx(j_sft + j_scs, rel=1e-4)
         assert call["mixed"] != call["responses"]
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 import data
 import generate
+import plumbing
 import train
 from model import from_pretrained
 
@@ -135,7 +136,7 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(failed_commands):
 
 
 def test_log_writes_non_finite_numbers_as_strings(tmp_path):
-    train.log(tmp_path, {"step": 1, "loss": float("nan"), "lr": float("inf")})
+    plumbing.log(tmp_path, {"step": 1, "loss": float("nan"), "lr": float("inf")})
     rec = json.loads((tmp_path / "log.jsonl").read_text(), parse_constant=pytest.fail)
     assert rec == {"step": 1, "loss": "nan", "lr": "inf"}
 
@@ -177,7 +178,7 @@ def test_overwrite_removes_the_old_run_only_when_the_new_one_writes(good, train_
 def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(good, train_file, tmp_path):
     out = copy_run(good, tmp_path)
     before = snapshot(out)
-    fd = train.lock_out(out)  # a separate open file: flock refuses it even in this process
+    fd = plumbing.lock_out(out)  # a separate open file: flock refuses it even in this process
     try:
         fails(train.main, args_for(train_file, out, "--resume"), "--out", f"process {os.getpid()}")
     finally:
@@ -475,7 +476,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(train_file, tmp_path, re
     rng, out = random.Random(seed), tmp_path / "run"
     argv = args_for(train_file, out, "--save-every", 1)
     for attempt in range(3):  # the first kill lands in a checkpoint write
-        holds_run = any((out / n).exists() for n in train.RUN_ENTRIES)
+        holds_run = any((out / n).exists() for n in plumbing.RUN_ENTRIES)
         proc = start("train.py", *argv, *["--resume"] * holds_run)
         kill_when(proc, out, rng, during_save=attempt == 0)
     proc = start("train.py", *argv, "--resume")

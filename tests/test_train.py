@@ -22,8 +22,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import data  # noqa: E402
+import plumbing  # noqa: E402
 import train  # noqa: E402
-from model import GPT, GPTConfig, from_pretrained  # noqa: E402
+from model import GPT, GPTConfig, from_pretrained, save_pretrained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -123,8 +124,9 @@ def spy_collate(monkeypatch, new_pad=None, scramble_masked_targets=False, seed=0
     seen = {}
     g = torch.Generator().manual_seed(seed)
 
-    def fake(prompts, inputs, targets, pad_id, masks=None):
-        x, y, m = data.collate(prompts, inputs, targets, pad_id if new_pad is None else new_pad, masks=masks)
+    def fake(prompts, inputs, targets, pad_id, masks=None, device="cpu"):
+        x, y, m = data.collate(prompts, inputs, targets, pad_id if new_pad is None else new_pad, masks=masks,
+                               device=device)
         if scramble_masked_targets:
             y = torch.where(m == 0, torch.randint(0, 64, y.shape, generator=g), y)
         seen.update(x=x, y=y, mask=m)
@@ -337,18 +339,18 @@ def test_save_checkpoint_replaces_atomically(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     (tmp_path / "checkpoint.tmp").mkdir()  # a stale half-written save from a crash
     (tmp_path / "checkpoint.tmp" / "junk").write_text("x")
-    train.save_checkpoint(model, opt, {"step": 1}, tmp_path, {"tiktoken": "bytes"}, None)
+    plumbing.save_checkpoint(lambda d: save_pretrained(model, d, {"tiktoken": "bytes"}), opt, {"step": 1}, tmp_path, None)
     with torch.no_grad():
         model.wte.weight.add_(1.0)
-    train.save_checkpoint(model, opt, {"step": 2}, tmp_path, {"tiktoken": "bytes"}, None)
+    plumbing.save_checkpoint(lambda d: save_pretrained(model, d, {"tiktoken": "bytes"}), opt, {"step": 2}, tmp_path, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     ck = tmp_path / "checkpoint"
     assert {"config.json", "model.safetensors", "train_state.pt"} <= {p.name for p in ck.iterdir()}
     assert torch.load(ck / "train_state.pt", weights_only=True)["step"] == 2
     assert torch.equal(from_pretrained(ck).wte.weight, model.wte.weight)
-    assert train.find_checkpoint(tmp_path) == ck
+    assert plumbing.find_checkpoint(tmp_path) == ck
     ck.rename(tmp_path / "checkpoint.old")  # a crash between the two renames: the old one is found
-    assert train.find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
+    assert plumbing.find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
 
 
 # ----------------------------------------------------------------------------------------------
