@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import NEW_FAMILIES
 from generate import generate
-from model import GPT, GPTConfig, config_from_hf, from_pretrained, save_pretrained
+from model import GPT, GPTConfig, config_from_hf, config_to_hf, from_pretrained, save_pretrained
 
 FAMILIES = list(NEW_FAMILIES)
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [100, 3, 17, 8, 2]]   # different lengths
@@ -114,6 +114,29 @@ def test_each_feature_matters(hf_checkpoint, tmp_path, name, edit):
     assert max_logit_diff(wrong, ckpt.hf) > 1e-2
 
 
+def _older_spelling(keys):
+    """config.json as transformers 4.x wrote it: the rope keys at the top level, none nested."""
+    def edit(cfg):
+        rope = cfg.pop("rope_parameters")
+        cfg.update({theirs: rope[ours] for ours, theirs in keys.items() if ours in rope})
+        scaling = {k: v for k, v in rope.items() if k not in keys}
+        if scaling.get("rope_type", "default") != "default":
+            cfg["rope_scaling"] = scaling
+    return edit
+
+
+@pytest.mark.parametrize("name,keys", [
+    ("gpt_neox", {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"}),
+    ("llama3_rope", {"rope_theta": "rope_theta"}),
+    ("phi3", {"rope_theta": "rope_theta", "partial_rotary_factor": "partial_rotary_factor"}),
+], ids=["neox-rotary_pct", "llama3-rope_scaling", "phi3-top-level"])
+def test_older_config_spellings_load_alike(hf_checkpoint, tmp_path, name, keys):
+    ckpt = hf_checkpoint(name)
+    old = edited_config(ckpt.path, tmp_path / "old", _older_spelling(keys))
+    assert "rope_parameters" not in json.loads((old / "config.json").read_text())
+    assert max_logit_diff(from_pretrained(old).eval(), ckpt.hf) < 1e-4
+
+
 def test_sliding_window_caps_block_size_only_where_it_applies(hf_checkpoint):
     assert from_pretrained(hf_checkpoint("qwen2_window").path).config.block_size == 16
     assert from_pretrained(hf_checkpoint("mistral").path).config.block_size == 32
@@ -188,3 +211,33 @@ def test_half_precision_weights_keep_the_checks(hf_checkpoint, tmp_path, change)
         from_pretrained(bad)
     assert name in str(err.value) and "model.safetensors" in str(err.value)
     assert ("shape" if change == "shape" else "int8") in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's two models: their published config.json files read as the right network
+
+PYTHIA_1B = {"architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0,
+             "hidden_act": "gelu", "hidden_size": 2048, "initializer_range": 0.02,
+             "intermediate_size": 8192, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048,
+             "model_type": "gpt_neox", "num_attention_heads": 8, "num_hidden_layers": 16,
+             "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False,
+             "torch_dtype": "float16", "use_cache": True, "use_parallel_residual": True,
+             "vocab_size": 50304}
+MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+              "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+              "intermediate_size": 14336, "max_position_embeddings": 32768,
+              "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32,
+              "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+              "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "use_cache": True, "vocab_size": 32000}
+
+
+@pytest.mark.parametrize("hf,params,block,rotary", [(PYTHIA_1B, 1_011_781_632, 2048, 64),
+                                                    (MISTRAL_7B, 7_241_732_096, 4096, 128)],
+                         ids=["pythia-1b", "mistral-7b"])
+def test_the_papers_models_read_as_published(hf, params, block, rotary):
+    cfg = config_from_hf(hf)
+    assert (cfg.block_size, cfg.rotary_dim, cfg.tie_embeddings) == (block, rotary, False)
+    with torch.device("meta"):
+        assert GPT(cfg).num_params() == params  # the parameter counts their model cards give
+    assert config_from_hf(json.loads(json.dumps(config_to_hf(cfg)))) == cfg  # and back
