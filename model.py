@@ -615,6 +615,7 @@ def config_to_hf(cfg: GPTConfig) -> dict:
         out["no_rope_layers"] = [int(i not in cfg.no_rope_layers) for i in range(cfg.n_layer)]
     if cfg.arch == "phi3":  # only longrope reads it, which we do not write
         out["original_max_position_embeddings"] = cfg.block_size
+        out["partial_rotary_factor"] = cfg.rotary_pct  # where transformers 4.x reads it
     return out
 
 

@@ -196,6 +196,21 @@ def test_half_precision_weights_load_converted(hf_checkpoint, tmp_path, dtype):
     assert from_pretrained(half, dtype=dtype).dtype == dtype
 
 
+def test_old_gpt_neox_buffers_are_skipped(hf_checkpoint, tmp_path):
+    """Old Pythia exports also store the causal mask and the rotary frequencies of each layer."""
+    ckpt = hf_checkpoint("gpt_neox")
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(ckpt.path / "config.json", old / "config.json")
+    sd = load_file(ckpt.path / "model.safetensors")
+    for i in range(2):
+        p = f"gpt_neox.layers.{i}.attention."
+        sd.update({p + "bias": torch.ones(1, 1, 64, 64, dtype=torch.bool).tril(),
+                   p + "masked_bias": torch.tensor(-1e9), p + "rotary_emb.inv_freq": torch.ones(2)})
+    save_file(sd, str(old / "model.safetensors"), metadata={"format": "pt"})
+    assert max_logit_diff(from_pretrained(old).eval(), ckpt.hf) < 1e-4
+
+
 @pytest.mark.parametrize("change", ["shape", "dtype"])
 def test_half_precision_weights_keep_the_checks(hf_checkpoint, tmp_path, change):
     src = hf_checkpoint("qwen2").path
