@@ -1,15 +1,24 @@
-"""The whole network in one file: a GPT-2 / Llama-family decoder, its KV cache, the masked
-loss, and loading and saving weights in the Hugging Face safetensors layout.
+"""The whole network in one file: a decoder for ten Hugging Face families, its KV cache, the
+masked loss, and loading and saving weights in each family's safetensors layout.
 
-Two families, chosen by `GPTConfig.arch`:
-  gpt2:  learned positions, LayerNorm, GELU (tanh) MLP, biases, head tied to the embedding.
-  llama: rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, head tied or not
-         (SmolLM2, Llama-3, Mistral-style checkpoints).
+The base decoder is Llama's: rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention,
+pre-norm blocks, no biases. `GPTConfig.arch` names the family (its Hugging Face model_type); what
+a family changes is a line in FAMILIES plus a few GPTConfig knobs read from its config.json:
+  gpt2:     learned positions, LayerNorm, GELU (tanh) MLP, biases, head tied to the embedding.
+  gpt_neox: (Pythia) LayerNorm, exact GELU, biases; rotary on the first rotary_pct of each
+            head; parallel_residual; q/k/v fused and interleaved per head in the file.
+  llama, mistral: the base (SmolLM2, Llama-2/3, Mistral); rope_scaling "llama3" or "linear".
+  qwen2:    biases on q, k and v.       qwen3: RMSNorm on each head of q and k.
+  smollm3:  no rotary on no_rope_layers. phi3: q/k/v and gate/up fused in the file.
+  gemma:    embeddings x sqrt(d), RMSNorm by (1 + w), GELU-tanh gated MLP.
+  olmo2:    RMSNorm on the whole q and k, and on each sublayer's output instead of its input.
+A sliding window is not implemented: where one applies, block_size stops at the window, over
+which full attention is the same computation.
 """
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +29,26 @@ from safetensors.torch import save_file
 
 from plumbing import check_fields, inside, is_int, json_object, open_safetensors, read_json
 
+# What each family fixes in the base decoder: norm "layer" (LayerNorm) or "rms_1p" (x (1 + w));
+# mlp "gelu_tanh", "gelu" (exact erf) or "geglu" (GELU-tanh gate) instead of "swiglu"; qk_norm
+# "head" (over each head) or "all" (over the whole projection); post_norm: normalise sublayer
+# outputs; embed_scale: embeddings x sqrt(n_embd); bias: biases on every linear layer.
+BASE = dict(norm="rms", mlp="swiglu", qk_norm=None, post_norm=False, embed_scale=False,
+            bias=False)
+FAMILIES = {"gpt2": dict(norm="layer", mlp="gelu_tanh", bias=True),
+            "gpt_neox": dict(norm="layer", mlp="gelu", bias=True),
+            "llama": {}, "mistral": {}, "qwen2": {}, "smollm3": {}, "phi3": {},
+            "qwen3": dict(qk_norm="head"),
+            "gemma": dict(norm="rms_1p", mlp="geglu", embed_scale=True),
+            "olmo2": dict(qk_norm="all", post_norm=True)}
+ROPE_SCALING = {"linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings")}
+
 
 @dataclass
 class GPTConfig:
-    arch: str = "gpt2"              # "gpt2" or "llama"
+    arch: str = "gpt2"              # the family, a key of FAMILIES
     vocab_size: int = 50257
     block_size: int = 1024          # longest sequence the positions cover
     n_layer: int = 12
@@ -34,21 +59,42 @@ class GPTConfig:
     head_dim: int | None = None     # default n_embd // n_head
     n_inner: int | None = None      # MLP width, default 4 * n_embd
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0     # llama only
-    # biases on every linear layer; default: yes for gpt2, none for llama
-    bias: bool | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" or "linear", its ROPE_SCALING keys}
+    rotary_pct: float = 1.0         # gpt_neox, phi3: rotary on the first part of each head only
+    no_rope_layers: tuple = ()      # smollm3: layers without rotary positions
+    parallel_residual: bool | None = None  # gpt_neox: x + attn(ln_1(x)) + mlp(ln_2(x))
+    bias: bool | None = None        # biases on every linear layer: the family's (FAMILIES)
+    attn_bias: bool | None = None   # biases on q, k, v and the attention output (qwen3 may)
     tie_embeddings: bool = True     # lm_head shares the token embedding
     dropout: float = 0.0
+    # config.json's bos/eos/pad_token_id, written back as they were (not the family's defaults)
+    token_ids: dict = field(default_factory=dict)
+    # fixed by the family (FAMILIES), never set by hand
+    norm: str = field(init=False)
+    mlp: str = field(init=False)
+    qk_norm: str | None = field(init=False)
+    post_norm: bool = field(init=False)
+    embed_scale: bool = field(init=False)
+    qkv_bias: bool = field(init=False)  # qwen2: biases on q, k and v only
 
     def __post_init__(self):
         """Fill the defaults; sizes that do not fit together are a ValueError listing each."""
+        if self.arch not in FAMILIES:
+            raise ValueError(f"arch must be one of {', '.join(FAMILIES)}, got {self.arch!r}")
+        traits = {**BASE, **FAMILIES[self.arch]}
         problems = []
-        if self.arch not in ("gpt2", "llama"):
-            problems.append(f"arch must be 'gpt2' or 'llama', got {self.arch!r}")
         if self.bias is None:
-            self.bias = self.arch == "gpt2"
-        if self.arch == "llama" and self.bias:
-            problems.append("the llama family has no biases (the HF layout stores none)")
+            self.bias = traits["bias"]
+        if self.bias != traits["bias"]:
+            problems.append(f"the {self.arch} layout has {'' if traits['bias'] else 'no '}"
+                            "biases on its linear layers")
+        self.attn_bias = self.bias if self.attn_bias is None else self.attn_bias
+        if self.attn_bias != self.bias and self.arch != "qwen3":
+            problems.append(f"attention biases alone are not stored by the {self.arch} layout")
+        for name in ("norm", "mlp", "qk_norm", "post_norm", "embed_scale"):
+            setattr(self, name, traits[name])
+        self.qkv_bias = self.attn_bias or self.arch == "qwen2"
         self.n_kv_head = self.n_kv_head or self.n_head
         if self.n_head % self.n_kv_head:
             problems.append(f"n_head {self.n_head} is not a multiple of n_kv_head "
@@ -56,11 +102,42 @@ class GPTConfig:
         if self.head_dim is None and self.n_embd % self.n_head:
             problems.append(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         self.head_dim = self.head_dim or self.n_embd // self.n_head
-        if self.arch == "llama" and self.head_dim % 2:
-            problems.append("rotary positions need an even head size")
+        if self.arch == "gpt_neox" and (self.n_kv_head != self.n_head
+                                        or self.head_dim * self.n_head != self.n_embd):
+            problems.append("gpt_neox needs n_kv_head = n_head and head_dim = n_embd / n_head")
+        if self.arch != "gpt2" and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            problems.append(f"rotary positions need an even size, got {self.rotary_dim}")
+        if self.rotary_pct != 1.0 and self.arch not in ("gpt_neox", "phi3"):
+            problems.append(f"partial rotary (rotary_pct) is not in the {self.arch} layout")
+        self.no_rope_layers = tuple(self.no_rope_layers)
+        if self.no_rope_layers and (self.arch != "smollm3" or not all(
+                is_int(i) and 0 <= i < self.n_layer for i in self.no_rope_layers)):
+            problems.append("no_rope_layers are smollm3's, layer numbers below n_layer")
+        if self.parallel_residual is None:
+            self.parallel_residual = self.arch == "gpt_neox"
+        if self.parallel_residual and self.arch != "gpt_neox":
+            problems.append("parallel_residual is gpt_neox's only")
+        problems += rope_scaling_problems(self.rope_scaling)
         self.n_inner = self.n_inner or 4 * self.n_embd
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dims rotate (transformers' int(head_dim * rotary_pct))."""
+        return int(self.head_dim * self.rotary_pct)
+
+
+def rope_scaling_problems(scaling) -> list[str]:
+    if scaling is None:
+        return []
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING or set(scaling) != {"rope_type", *ROPE_SCALING[kind]}:
+        return [f"rope_scaling must be {{'rope_type': 'linear' or 'llama3', and its keys "
+                f"{ROPE_SCALING}}}, got {scaling!r}"]
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        return ["rope_scaling: high_freq_factor must exceed low_freq_factor"]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,37 +164,80 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rotary(x, cos, sin):
+    """Rotate the first cos.shape[-1] dims of each head (all of them but in gpt_neox and phi3)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x, rest = x[..., :r], x[..., r:]
+    return torch.cat((x * cos + rotate_half(x) * sin, rest), dim=-1)
+
+
 def rope_tables(cfg: GPTConfig):
-    """cos and sin of every position's rotary angles, (block_size, head_dim), in fp32."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu").float()
-                                        / cfg.head_dim)
+    """cos and sin of every position's rotary angles, (block_size, rotary_dim), in fp32."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+    scaling = cfg.rope_scaling or {"rope_type": "default"}
+    if scaling["rope_type"] == "linear":  # positions divided by factor
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling["rope_type"] == "llama3":  # Llama-3.1: slow the long wavelengths by factor,
+        # keep the short ones, and interpolate between the two bounds
+        factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        smooth = ((old * inv_freq / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     freqs = torch.outer(torch.arange(cfg.block_size, device="cpu").float(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
+class GemmaRMSNorm(nn.RMSNorm):
+    """Gemma's RMSNorm scales by (1 + w): its weights are stored as offsets from 1."""
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        y = F.rms_norm(x.float(), self.normalized_shape, eps=self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def make_norm(cfg: GPTConfig, size: int | None = None):
+    size = size or cfg.n_embd
+    if cfg.norm == "layer":
+        return nn.LayerNorm(size, eps=cfg.norm_eps)
+    return (GemmaRMSNorm if cfg.norm == "rms_1p" else nn.RMSNorm)(size, eps=cfg.norm_eps)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        # one fused projection for q, k and v (GPT-2's c_attn; Llama's q/k/v_proj are
-        # concatenated on load)
-        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim,
-                                bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        # one fused projection for q, k and v (GPT-2's c_attn; the others' are concatenated on
+        # load)
+        self.c_attn = nn.Linear(cfg.n_embd, q + 2 * kv, bias=cfg.qkv_bias)
+        self.c_proj = nn.Linear(q, cfg.n_embd, bias=cfg.attn_bias)
+        if cfg.qk_norm:  # qwen3: over each head of q and k; olmo2: over the whole of q and k
+            head = cfg.qk_norm == "head"
+            self.q_norm = make_norm(cfg, cfg.head_dim if head else q)
+            self.k_norm = make_norm(cfg, cfg.head_dim if head else kv)
+        self.rotary = layer not in cfg.no_rope_layers  # smollm3: some layers have no positions
 
     def forward(self, x, rope, mask, cache, cols):
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim,
                                         cfg.n_kv_head * cfg.head_dim], dim=-1)
+        if cfg.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None and self.rotary:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, cols, k, v)
         gqa = cfg.n_kv_head != cfg.n_head
@@ -135,37 +255,41 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.swiglu = cfg.arch == "llama"
-        # SwiGLU fuses gate and up projections into one matmul (split on load/save)
-        width = 2 * cfg.n_inner if self.swiglu else cfg.n_inner
+        self.kind = cfg.mlp
+        # a gated MLP fuses its gate and up projections into one matmul (split on load/save)
+        width = 2 * cfg.n_inner if self.kind in ("swiglu", "geglu") else cfg.n_inner
         self.c_fc = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        elif self.kind == "geglu":  # gemma
+            gate, up = h.chunk(2, dim=-1)
+            h = F.gelu(gate, approximate="tanh") * up
+        else:  # GPT-2's "gelu_new" is the tanh form, GPT-NeoX's "gelu" the exact one
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.c_proj(h)
-
-
-def make_norm(cfg: GPTConfig):
-    if cfg.arch == "llama":
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
+        self.cfg = cfg
         self.ln_1, self.attn = make_norm(cfg), Attention(cfg, layer)
         self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, cache, cols):
-        x = x + self.drop(self.attn(self.ln_1(x), rope, mask, cache, cols))
+        if self.cfg.post_norm:  # olmo2: each sublayer's output is normalised, not its input
+            x = x + self.drop(self.ln_1(self.attn(x, rope, mask, cache, cols)))
+            return x + self.drop(self.ln_2(self.mlp(x)))
+        a = self.drop(self.attn(self.ln_1(x), rope, mask, cache, cols))
+        if self.cfg.parallel_residual:  # gpt_neox: both sublayers read the same x
+            return x + a + self.drop(self.mlp(self.ln_2(x)))
+        x = x + a
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -225,6 +349,8 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         x = self.wte(idx)
+        if self.config.embed_scale:  # gemma, with sqrt(d) rounded to the compute dtype as it does
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
         if noise_alpha > 0 and self.training:
             x = x + torch.empty_like(x).uniform_(-1, 1) * (noise_alpha / math.sqrt(T * x.shape[-1]))
         rope = None
@@ -274,8 +400,16 @@ LIMITS = {"vocab_size": (int, 1, 1 << 20), "block_size": (int, 1, 1 << 18),
           "n_layer": (int, 1, 1024), "n_head": (int, 1, 1024), "n_kv_head": (int, 1, 1024),
           "n_embd": (int, 1, 1 << 16), "head_dim": (int, 2, 4096), "n_inner": (int, 1, 1 << 18),
           "norm_eps": (float, 0.0, 1.0), "rope_theta": (float, 1.0, 1e12),
-          "dropout": (float, 0.0, 1.0), "bias": (bool, None, None),
-          "tie_embeddings": (bool, None, None)}
+          "rotary_pct": (float, 0.0, 1.0), "dropout": (float, 0.0, 1.0),
+          "bias": (bool, None, None), "attn_bias": (bool, None, None),
+          "parallel_residual": (bool, None, None), "tie_embeddings": (bool, None, None)}
+ROPE_LIMITS = {"factor": (float, 1e-3, 1e6), "low_freq_factor": (float, 0.0, 1e6),
+               "high_freq_factor": (float, 0.0, 1e6),
+               "original_max_position_embeddings": (int, 1, 1 << 24)}
+HIDDEN_ACT = {"gpt_neox": ("gelu",),  # exact erf
+              "gemma": ("gelu_pytorch_tanh", "gelu")}  # transformers reads gemma's "gelu" as tanh
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+SLIDING = ("mistral", "phi3", "qwen2", "qwen3", "smollm3")  # families with a sliding_window key
 
 
 def checked_config(fields: dict, where: str, names: dict | None = None) -> GPTConfig:
@@ -303,6 +437,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
         return hf[key]
 
     kind = hf.get("model_type")
+    ids = {key: hf[key] for key in TOKEN_IDS if hf.get(key) is not None}
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -314,104 +449,286 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
             n_layer=need("n_layer"), n_head=need("n_head"), n_embd=need("n_embd"),
             n_inner=need("n_inner", default=None),
             norm_eps=need("layer_norm_epsilon", "norm_eps", 1e-5), bias=True,
-            tie_embeddings=need("tie_word_embeddings", "tie_embeddings", True)), where, names)
-    if kind in ("llama", "mistral"):
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported "
-                             "(expected 'silu')")
-        rope = need("rope_parameters", default={})
-        scaling = need("rope_scaling", default={})
-        if not isinstance(rope, dict) or not isinstance(scaling, dict):
-            raise ValueError(f"{where}: rope_parameters and rope_scaling must be JSON objects")
-        if (rope.get("rope_type", "default") != "default"
-                or (scaling and scaling.get("rope_type", scaling.get("type")) != "default")):
-            raise ValueError(f"{where}: rope scaling {rope or scaling} is not supported, "
-                             "only plain rotary positions")
-        if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
-            raise ValueError(f"{where}: attention_bias/mlp_bias are not supported for "
-                             "llama-type models")
-        block = need("max_position_embeddings", "block_size")
-        window = need("sliding_window", default=None)
-        # our attention is full, which equals sliding-window attention up to the window
-        if is_int(block) and is_int(window) and window < block:
-            block, names["block_size"] = window, "sliding_window"
-        return checked_config(dict(
-            arch="llama", vocab_size=need("vocab_size"), block_size=block,
-            n_layer=need("num_hidden_layers", "n_layer"),
-            n_head=need("num_attention_heads", "n_head"),
-            n_kv_head=need("num_key_value_heads", "n_kv_head", None),
-            n_embd=need("hidden_size", "n_embd"), head_dim=need("head_dim", default=None),
-            n_inner=need("intermediate_size", "n_inner"),
-            norm_eps=need("rms_norm_eps", "norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", need("rope_theta", default=10000.0)), bias=False,
-            tie_embeddings=need("tie_word_embeddings", "tie_embeddings", False)), where, names)
-    raise ValueError(f"{where}: model_type {kind!r} is not supported (gpt2, llama, mistral)")
+            tie_embeddings=need("tie_word_embeddings", "tie_embeddings", True), token_ids=ids),
+            where, names)
+    if kind not in FAMILIES:
+        raise ValueError(f"{where}: model_type {kind!r} is not supported ({', '.join(FAMILIES)})")
+    refuse_unsupported(hf, kind, where)
+    theta, pct, scaling = rope_from_hf(hf, kind, where, names)
+    fields = dict(arch=kind, vocab_size=need("vocab_size"),
+                  block_size=window_cap(hf, kind, need("max_position_embeddings", "block_size"),
+                                        names),
+                  n_layer=need("num_hidden_layers", "n_layer"),
+                  n_head=need("num_attention_heads", "n_head"),
+                  n_embd=need("hidden_size", "n_embd"),
+                  n_inner=need("intermediate_size", "n_inner"),
+                  rope_theta=theta, rotary_pct=pct, rope_scaling=scaling,
+                  tie_embeddings=need("tie_word_embeddings", "tie_embeddings",
+                                      kind in ("gemma", "smollm3")), token_ids=ids)
+    if kind == "gpt_neox":
+        fields.update(norm_eps=need("layer_norm_eps", "norm_eps", 1e-5),
+                      parallel_residual=need("use_parallel_residual", "parallel_residual", True))
+    else:
+        fields.update(n_kv_head=need("num_key_value_heads", "n_kv_head", None),
+                      head_dim=need("head_dim", default=None),
+                      norm_eps=need("rms_norm_eps", "norm_eps", 1e-6))
+    if kind == "qwen3":
+        fields["attn_bias"] = need("attention_bias", "attn_bias", False)
+    if kind == "smollm3":
+        fields["no_rope_layers"] = no_rope_from_hf(hf, where)
+    return checked_config(fields, where, names)
+
+
+def refuse_unsupported(hf: dict, kind: str, where: str):
+    """A feature this model does not have is a one-line ValueError naming its config.json key."""
+    acts = HIDDEN_ACT.get(kind, ("silu",))
+    if hf.get("hidden_act", acts[0]) not in acts:
+        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported for {kind} "
+                         f"(expected {acts[0]!r})")
+    bias = kind == "gpt_neox"  # the one family whose attention has biases by default
+    if kind != "qwen3" and hf.get("attention_bias", bias) != bias:
+        raise ValueError(f"{where}: attention_bias {hf['attention_bias']} is not supported for "
+                         f"{kind}")
+    for key in ("mlp_bias", "use_bidirectional_attention"):
+        if hf.get(key):
+            raise ValueError(f"{where}: {key} {hf[key]} is not supported for {kind}")
+
+
+def rope_from_hf(hf: dict, kind: str, where: str, names: dict):
+    """(rope_theta, rotary_pct, rope_scaling) from rope_parameters (transformers 5) or the older
+    keys: rope_theta and rope_scaling, gpt_neox's rotary_emb_base and rotary_pct."""
+    params, src = {}, None
+    for key in ("rope_scaling", "rope_parameters"):  # the newer spelling wins
+        value = hf.get(key) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: {key} must be a JSON object")
+        if value:
+            params, src = {**params, **value}, key
+
+    def pick(ours, key, old_keys, default):
+        if params.get(key) is not None:
+            names[ours] = f"{src}.{key}"
+            return params[key]
+        for old in old_keys:
+            if hf.get(old) is not None:
+                names[ours] = old
+                return hf[old]
+        return default
+
+    theta = pick("rope_theta", "rope_theta", ("rope_theta", "rotary_emb_base"), 10000.0)
+    pct = pick("rotary_pct", "partial_rotary_factor", ("partial_rotary_factor", "rotary_pct"),
+               0.25 if kind == "gpt_neox" else 1.0)
+    if pct != 1.0 and kind not in ("gpt_neox", "phi3"):
+        raise ValueError(f"{where}: {names['rotary_pct']} {pct} is not supported for {kind}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, pct, None
+    if rope_type not in ROPE_SCALING:
+        raise ValueError(f"{where}: {src}.rope_type {rope_type!r} is not supported "
+                         f"(default, {', '.join(ROPE_SCALING)})")
+    scaling = {"rope_type": rope_type}
+    for key in ROPE_SCALING[rope_type]:
+        value = params.get(key)
+        if value is None and key == "original_max_position_embeddings":
+            value = hf.get("max_position_embeddings")  # transformers' default
+        if value is None:
+            raise ValueError(f"{where}: {src} has no {key!r} for rope_type {rope_type!r}")
+        scaling[key] = value
+    check_fields(scaling, ROPE_LIMITS, f"{where}: {src}")
+    return theta, pct, scaling
+
+
+def window_cap(hf: dict, kind: str, block, names: dict):
+    """block_size, or the sliding window where one applies and is shorter: full attention is
+    sliding-window attention on sequences up to the window. qwen2, qwen3 and smollm3 slide only
+    with use_sliding_window (then on some layers; capping is right whichever they are)."""
+    window = hf.get("sliding_window") if kind in SLIDING else None
+    if kind in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
+        window = None
+    if is_int(block) and is_int(window) and window < block:
+        names["block_size"] = "sliding_window"
+        return window
+    return block
+
+
+def no_rope_from_hf(hf: dict, where: str) -> tuple:
+    """smollm3's layers without rotary: no_rope_layers[i] is 1 where layer i HAS rotary (the
+    transformers convention), by default every no_rope_layer_interval-th layer has none."""
+    n = hf.get("num_hidden_layers")
+    flags = hf.get("no_rope_layers")
+    if flags is None and is_int(n):
+        every = hf.get("no_rope_layer_interval", 4)
+        flags = [int((i + 1) % every != 0) for i in range(n)] if is_int(every) and every else None
+    if not isinstance(flags, list) or len(flags) != n or any(f not in (0, 1) for f in flags):
+        raise ValueError(f"{where}: no_rope_layers must list a 0 or 1 for each of the "
+                         "num_hidden_layers")
+    return tuple(i for i, uses_rope in enumerate(flags) if not uses_rope)
+
+
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
+                    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                    "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                    "gemma": "GemmaForCausalLM", "olmo2": "Olmo2ForCausalLM"}
 
 
 def config_to_hf(cfg: GPTConfig) -> dict:
+    """The config.json of cfg's family, its own keys only."""
     if cfg.arch == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
                 "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
                 "n_inner": cfg.n_inner, "activation_function": "gelu_new",
                 "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size,
-            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.n_embd,
-            "head_dim": cfg.head_dim, "intermediate_size": cfg.n_inner,
-            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False,
-            "tie_word_embeddings": cfg.tie_embeddings}
-
-
-def hf_layout(cfg: GPTConfig) -> list[tuple[str, list[tuple[str, tuple]], bool]]:
-    """Each of our parameters: (our name, its Hugging Face parts [(name, shape)], transposed?).
-
-    A fused parameter lists its parts in the order they are concatenated along dim 0.
-    "transposed" marks GPT-2's Conv1D weights, stored (in, out) where nn.Linear holds (out, in).
-    """
-    d, hd, inner = cfg.n_embd, cfg.head_dim, cfg.n_inner
-    q, kv = cfg.n_head * hd, cfg.n_kv_head * hd
-    out = []
-    if cfg.arch == "gpt2":
-        out += [("wte.weight", [("transformer.wte.weight", (cfg.vocab_size, d))], False),
-                ("wpe.weight", [("transformer.wpe.weight", (cfg.block_size, d))], False)]
-        for i in range(cfg.n_layer):
-            p = f"transformer.h.{i}."
-            for ln in ("ln_1", "ln_2"):
-                out += [(f"h.{i}.{ln}.{w}", [(f"{p}{ln}.{w}", (d,))], False)
-                        for w in ("weight", "bias")]
-            for ours, theirs, (n_in, n_out) in [("attn.c_attn", "attn.c_attn", (d, 3 * d)),
-                                                ("attn.c_proj", "attn.c_proj", (d, d)),
-                                                ("mlp.c_fc", "mlp.c_fc", (d, inner)),
-                                                ("mlp.c_proj", "mlp.c_proj", (inner, d))]:
-                out += [(f"h.{i}.{ours}.weight", [(f"{p}{theirs}.weight", (n_in, n_out))], True),
-                        (f"h.{i}.{ours}.bias", [(f"{p}{theirs}.bias", (n_out,))], False)]
-        out += [(f"ln_f.{w}", [(f"transformer.ln_f.{w}", (d,))], False) for w in ("weight", "bias")]
-    else:
-        out += [("wte.weight", [("model.embed_tokens.weight", (cfg.vocab_size, d))], False)]
-        for i in range(cfg.n_layer):
-            p = f"model.layers.{i}."
-            out += [(f"h.{i}.ln_1.weight", [(f"{p}input_layernorm.weight", (d,))], False),
-                    (f"h.{i}.attn.c_attn.weight", [(f"{p}self_attn.q_proj.weight", (q, d)),
-                                                   (f"{p}self_attn.k_proj.weight", (kv, d)),
-                                                   (f"{p}self_attn.v_proj.weight", (kv, d))],
-                     False),
-                    (f"h.{i}.attn.c_proj.weight", [(f"{p}self_attn.o_proj.weight", (d, q))], False),
-                    (f"h.{i}.ln_2.weight", [(f"{p}post_attention_layernorm.weight", (d,))], False),
-                    (f"h.{i}.mlp.c_fc.weight", [(f"{p}mlp.gate_proj.weight", (inner, d)),
-                                                (f"{p}mlp.up_proj.weight", (inner, d))], False),
-                    (f"h.{i}.mlp.c_proj.weight", [(f"{p}mlp.down_proj.weight", (d, inner))], False)]
-        out += [("ln_f.weight", [("model.norm.weight", (d,))], False)]
-    if not cfg.tie_embeddings:
-        out += [("lm_head.weight", [("lm_head.weight", (cfg.vocab_size, d))], False)]
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+                **cfg.token_ids}
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
+    if cfg.rotary_pct != 1.0:
+        rope["partial_rotary_factor"] = cfg.rotary_pct
+    out = {"model_type": cfg.arch, "architectures": [HF_ARCHITECTURES[cfg.arch]],
+           "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.block_size,
+           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+           "hidden_size": cfg.n_embd, "intermediate_size": cfg.n_inner,
+           "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout,
+           # transformers 5 reads rope_parameters; 4.x rope_theta and rope_scaling
+           "rope_parameters": rope, "rope_theta": cfg.rope_theta,
+           **({"rope_scaling": rope} if cfg.rope_scaling else {}),
+           # none rather than the family's defaults, which may lie outside a small vocabulary
+           **dict.fromkeys(TOKEN_IDS), **cfg.token_ids}
+    if cfg.arch == "gpt_neox":
+        return {**out, "hidden_act": "gelu", "layer_norm_eps": cfg.norm_eps,
+                "use_parallel_residual": cfg.parallel_residual, "rotary_pct": cfg.rotary_pct,
+                "rotary_emb_base": cfg.rope_theta, "attention_bias": True,
+                "hidden_dropout": cfg.dropout}
+    out.update(num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+               rms_norm_eps=cfg.norm_eps,
+               hidden_act="gelu_pytorch_tanh" if cfg.arch == "gemma" else "silu")
+    if cfg.arch in ("llama", "qwen3", "smollm3", "gemma", "olmo2"):
+        out["attention_bias"] = cfg.attn_bias
+    if cfg.arch in ("llama", "smollm3"):
+        out["mlp_bias"] = False
+    if cfg.arch in SLIDING:  # block_size stops at any window: none is needed
+        out["sliding_window"] = None
+    if cfg.arch in ("qwen2", "qwen3", "smollm3"):
+        out["use_sliding_window"] = False
+    if cfg.arch == "smollm3":
+        out["no_rope_layers"] = [int(i not in cfg.no_rope_layers) for i in range(cfg.n_layer)]
+    if cfg.arch == "phi3":  # only longrope reads it, which we do not write
+        out["original_max_position_embeddings"] = cfg.block_size
+        out["partial_rotary_factor"] = cfg.rotary_pct  # where transformers 4.x reads it
     return out
 
 
-# Stored tensors that are not weights: GPT-2's causal-mask buffers, rotary caches of old exports.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+def _linear(ours: str, parts: list[tuple[str, int]], n_in: int, bias: bool, kind: str = ""):
+    """Layout entries of our Linear `ours` made of the HF linears `parts` [(name, rows)]."""
+    out = [(f"{ours}.weight", [(f"{name}.weight", (rows, n_in)) for name, rows in parts], kind)]
+    if bias:
+        out.append((f"{ours}.bias", [(f"{name}.bias", (rows,)) for name, rows in parts], kind))
+    return out
+
+
+def hf_layout(cfg: GPTConfig) -> list[tuple[str, list[tuple[str, tuple]], str]]:
+    """Each of our parameters: (our name, its Hugging Face parts [(name, shape)], kind).
+
+    A fused parameter lists its parts in the order they are concatenated along dim 0. kind
+    "conv1d" marks GPT-2's Conv1D weights, stored (in, out) where nn.Linear holds (out, in);
+    "heads" gpt_neox's query_key_value, interleaved per head ([q_h, k_h, v_h] for each head h)
+    where our c_attn is q | k | v.
+    """
+    d, inner = cfg.n_embd, cfg.n_inner
+    if cfg.arch == "gpt2":
+        out = _gpt2_layout(cfg)
+    elif cfg.arch == "gpt_neox":
+        out = [("wte.weight", [("gpt_neox.embed_in.weight", (cfg.vocab_size, d))], "")]
+        for i in range(cfg.n_layer):
+            p, h = f"gpt_neox.layers.{i}.", f"h.{i}."
+            for ours, theirs in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
+                out += [(f"{h}{ours}.{w}", [(f"{p}{theirs}.{w}", (d,))], "")
+                        for w in ("weight", "bias")]
+            out += _linear(h + "attn.c_attn", [(p + "attention.query_key_value", 3 * d)], d, True,
+                           "heads")
+            out += _linear(h + "attn.c_proj", [(p + "attention.dense", d)], d, True)
+            out += _linear(h + "mlp.c_fc", [(p + "mlp.dense_h_to_4h", inner)], d, True)
+            out += _linear(h + "mlp.c_proj", [(p + "mlp.dense_4h_to_h", d)], inner, True)
+        out += [(f"ln_f.{w}", [(f"gpt_neox.final_layer_norm.{w}", (d,))], "")
+                for w in ("weight", "bias")]
+    else:
+        out = _llama_layout(cfg)
+    if not cfg.tie_embeddings:
+        out += [("lm_head.weight", [(HEAD_NAME.get(cfg.arch, "lm_head.weight"),
+                                     (cfg.vocab_size, d))], "")]
+    return out
+
+
+HEAD_NAME = {"gpt_neox": "embed_out.weight"}
+
+
+def _gpt2_layout(cfg: GPTConfig):
+    d, inner = cfg.n_embd, cfg.n_inner
+    out = [("wte.weight", [("transformer.wte.weight", (cfg.vocab_size, d))], ""),
+           ("wpe.weight", [("transformer.wpe.weight", (cfg.block_size, d))], "")]
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out += [(f"h.{i}.{ln}.{w}", [(f"{p}{ln}.{w}", (d,))], "") for w in ("weight", "bias")]
+        for name, (n_in, n_out) in [("attn.c_attn", (d, 3 * d)), ("attn.c_proj", (d, d)),
+                                    ("mlp.c_fc", (d, inner)), ("mlp.c_proj", (inner, d))]:
+            out += [(f"h.{i}.{name}.weight", [(f"{p}{name}.weight", (n_in, n_out))], "conv1d"),
+                    (f"h.{i}.{name}.bias", [(f"{p}{name}.bias", (n_out,))], "")]
+    return out + [(f"ln_f.{w}", [(f"transformer.ln_f.{w}", (d,))], "") for w in ("weight", "bias")]
+
+
+def _llama_layout(cfg: GPTConfig):
+    """llama, mistral, qwen2, qwen3, smollm3, phi3, gemma and olmo2: the same names but for phi3's
+    fused projections, qwen3's and olmo2's q/k norms and olmo2's norms after the sublayers."""
+    d, hd, inner = cfg.n_embd, cfg.head_dim, cfg.n_inner
+    q, kv = cfg.n_head * hd, cfg.n_kv_head * hd
+    fused = cfg.arch == "phi3"
+    norms = (("post_attention_layernorm", "post_feedforward_layernorm") if cfg.post_norm
+             else ("input_layernorm", "post_attention_layernorm"))
+    out = [("wte.weight", [("model.embed_tokens.weight", (cfg.vocab_size, d))], "")]
+    for i in range(cfg.n_layer):
+        p, h = f"model.layers.{i}.", f"h.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        qkv = ([(a + "qkv_proj", q + 2 * kv)] if fused else
+               [(a + "q_proj", q), (a + "k_proj", kv), (a + "v_proj", kv)])
+        gate_up = ([(m + "gate_up_proj", 2 * inner)] if fused else
+                   [(m + "gate_proj", inner), (m + "up_proj", inner)])
+        out += [(h + "ln_1.weight", [(p + norms[0] + ".weight", (d,))], "")]
+        out += _linear(h + "attn.c_attn", qkv, d, cfg.qkv_bias)
+        out += _linear(h + "attn.c_proj", [(a + "o_proj", d)], q, cfg.attn_bias)
+        if cfg.qk_norm:
+            head = cfg.qk_norm == "head"
+            out += [(h + "attn.q_norm.weight", [(a + "q_norm.weight", (hd if head else q,))], ""),
+                    (h + "attn.k_norm.weight", [(a + "k_norm.weight", (hd if head else kv,))], "")]
+        out += [(h + "ln_2.weight", [(p + norms[1] + ".weight", (d,))], "")]
+        out += _linear(h + "mlp.c_fc", gate_up, d, False)
+        out += _linear(h + "mlp.c_proj", [(m + "down_proj", d)], inner, False)
+    return out + [("ln_f.weight", [("model.norm.weight", (d,))], "")]
+
+
+def to_ours(tensors: list[torch.Tensor], kind: str, cfg: GPTConfig) -> torch.Tensor:
+    """One of our parameters from its HF parts (hf_layout's kind says how)."""
+    t = torch.cat([p.t() if kind == "conv1d" else p for p in tensors], dim=0)
+    if kind == "heads":  # (head, q|k|v, head_dim, ...) -> (q|k|v, head, head_dim, ...)
+        t = t.view(cfg.n_head, 3, cfg.head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    return t
+
+
+def to_hf(t: torch.Tensor, parts: list[tuple[str, tuple]], kind: str, cfg: GPTConfig):
+    """The HF parts of one of our parameters: to_ours undone."""
+    if kind == "heads":
+        t = t.view(3, cfg.n_head, cfg.head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    pieces = t.split([shape[1] if kind == "conv1d" else shape[0] for _, shape in parts])
+    return [p.t() if kind == "conv1d" else p for p in pieces]
+
+
+# Stored tensors that are not weights: GPT-2's and GPT-NeoX's causal-mask buffers, rotary caches
+# of old exports.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias",
+                    ".attention.masked_bias", "rotary_emb.inv_freq")
+# Stored dtypes that convert to ours exactly (or by rounding only, to a narrower one).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _weight_files(path: Path) -> tuple[dict[str, Path], Path]:
@@ -448,7 +765,7 @@ def load_hf_state(cfg: GPTConfig, path: Path, dtype=torch.float32) -> dict[str, 
         except SafetensorError as e:
             raise ValueError(f"{file}: cannot read {stored!r} ({e})") from None
 
-    for ours, parts, transposed in hf_layout(cfg):
+    for ours, parts, kind in hf_layout(cfg):
         tensors = []
         for name, shape in parts:
             if name not in files:
@@ -458,11 +775,14 @@ def load_hf_state(cfg: GPTConfig, path: Path, dtype=torch.float32) -> dict[str, 
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{files[name][0]}: weight {name!r} has shape {tuple(t.shape)}, "
                                  f"expected {tuple(shape)}")
-            tensors.append(t.t() if transposed else t)
+            if t.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{files[name][0]}: weight {name!r} is stored as {t.dtype}, "
+                                 "expected float32, float16 or bfloat16")
+            tensors.append(t)
             used.add(name)
-        state[ours] = torch.cat(tensors, dim=0).to(dtype).contiguous()
+        state[ours] = to_ours(tensors, kind, cfg).to(dtype).contiguous()
     # a tied head may be stored as a copy
-    tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    tied_head = {HEAD_NAME.get(cfg.arch, "lm_head.weight")} if cfg.tie_embeddings else set()
     extra = [k for k in files
              if k not in used and k not in tied_head and not k.endswith(IGNORED_SUFFIXES)]
     if extra:
@@ -484,7 +804,7 @@ def from_pretrained(path, dtype=torch.float32, device="cpu") -> "GPT":
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
-    if cfg.arch == "llama":  # non-persistent buffers were created on meta: build them for real
+    if cfg.arch != "gpt2":  # non-persistent buffers were created on meta: build them for real
         model.rope_cos, model.rope_sin = rope_tables(cfg)
     return model.to(device)
 
@@ -500,10 +820,8 @@ def save_pretrained(model: GPT, path, extra_config: dict | None = None):
     cfg = model.config
     ours = dict(model.state_dict())
     tensors = {}
-    for name, parts, transposed in hf_layout(cfg):
-        t = ours[name].detach()
-        t = t.t() if transposed else t
-        for (hf_name, shape), piece in zip(parts, t.split([shape[0] for _, shape in parts])):
+    for name, parts, kind in hf_layout(cfg):
+        for (hf_name, _), piece in zip(parts, to_hf(ours[name].detach(), parts, kind, cfg)):
             tensors[hf_name] = piece.to("cpu").contiguous()
     config = {**config_to_hf(cfg), "torch_dtype": str(model.dtype).removeprefix("torch."),
               **(extra_config or {})}

@@ -16,6 +16,40 @@ if str(ROOT) not in sys.path:
 VOCAB = 200
 ROPE_THETA = 1000.0     # llama_tied: far enough from 10000 that a wrong theta changes the logits
 FAMILIES = ["gpt2", "llama_gqa", "llama_tied"]
+# tests/test_families.py: one tiny model per family and feature, each built from its transformers
+# config class with every size small
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=16)  # short: the scaling changes positions < 64
+NEW_FAMILIES = {
+    "gpt_neox": ("GPTNeoX", dict(hidden_size=64, num_attention_heads=4, intermediate_size=96, rotary_pct=0.25,
+                                 rotary_emb_base=1000, use_parallel_residual=True, tie_word_embeddings=False)),
+    "gpt_neox_seq": ("GPTNeoX", dict(hidden_size=48, num_attention_heads=4, intermediate_size=80, rotary_pct=0.5,
+                                     use_parallel_residual=False, tie_word_embeddings=True)),
+    "mistral": ("Mistral", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                sliding_window=32, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                            rope_theta=1000.0, tie_word_embeddings=True, sliding_window=16)),
+    "qwen2_window": ("Qwen2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                   use_sliding_window=True, sliding_window=16, max_window_layers=1,
+                                   tie_word_embeddings=False)),
+    "qwen3": ("Qwen3", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            intermediate_size=80, tie_word_embeddings=False)),
+    "qwen3_bias": ("Qwen3", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                 intermediate_size=96, attention_bias=True, tie_word_embeddings=True)),
+    "llama3_rope": ("Llama", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                  rope_scaling=LLAMA3, tie_word_embeddings=False)),
+    "llama_linear": ("Llama", dict(hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                                   rope_scaling={"rope_type": "linear", "factor": 4.0}, tie_word_embeddings=True)),
+    "smollm3": ("SmolLM3", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                no_rope_layers=[1, 0], rope_theta=1000.0, tie_word_embeddings=True)),
+    "phi3": ("Phi3", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1000.0,
+                                           "partial_rotary_factor": 0.75}, tie_word_embeddings=False)),
+    "gemma": ("Gemma", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                            intermediate_size=80, tie_word_embeddings=True)),
+    "olmo2": ("Olmo2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                            tie_word_embeddings=False)),
+}
 
 
 def hf_model(name: str):
@@ -32,6 +66,10 @@ def hf_model(name: str):
         model = tf.LlamaForCausalLM(tf.LlamaConfig(
             hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
             max_position_embeddings=64, tie_word_embeddings=True, rope_theta=ROPE_THETA, **common))
+    elif name in NEW_FAMILIES:
+        kind, kwargs = NEW_FAMILIES[name]
+        config = getattr(tf, kind + "Config")(num_hidden_layers=2, max_position_embeddings=64, **kwargs, **common)
+        model = getattr(tf, kind + "ForCausalLM")(config)
     else:
         raise KeyError(name)
     with torch.no_grad():  # norms start at 1 and biases at 0: perturb them so they are exercised too
@@ -62,7 +100,7 @@ def hf_checkpoint(tmp_path_factory):
 
     def get(name: str, max_shard_size: str | None = None) -> Checkpoint:
         if name not in models:
-            torch.manual_seed(1234 + FAMILIES.index(name))
+            torch.manual_seed(1234 + [*FAMILIES, *NEW_FAMILIES].index(name))
             models[name] = hf_model(name)
         key = (name, max_shard_size)
         if key not in dirs:
