@@ -457,6 +457,9 @@ class Tokenizer:
     added_ids: dict = field(default_factory=dict)  # their ids
     system: str | None = None  # the system turn a ChatML template inserts when there is none
     bad_template: str = ""  # the file of a chat template we cannot render (refused in render_chat)
+    # byte-level: the bytes that have a token, when not all do (SmolLM2 has none for 0x04 ...)
+    spelled: bytes | None = None
+    source: str = ""  # the tokenizer.json, for messages
 
     def encode(self, text: str, first: bool = True) -> list[int]:
         """tokenizers' encode(text, add_special_tokens=False) with special-token strings kept as
@@ -474,8 +477,17 @@ class Tokenizer:
                 elif isinstance(self.enc, SentencePiece):
                     ids += self.enc.encode(s, first and at2 == 0)
                 else:
+                    if self.spelled is not None and s.encode().translate(None, self.spelled):
+                        self.unspellable(s)
                     ids += self.enc.encode_ordinary(s)
         return ids
+
+    def unspellable(self, s: str):
+        # tiktoken would panic on a byte without a token (tokenizers drops it silently)
+        b = s.encode().translate(None, self.spelled)[0]
+        c = next(c for c in s if b in c.encode())
+        raise ValueError(f"{self.source}: the text has {c!r} (U+{ord(c):04X}), whose byte "
+                         f"0x{b:02X} has no token in this tokenizer")
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
@@ -779,9 +791,6 @@ def _byte_level(tj: dict, vocab: dict, added: dict, path: Path) -> tiktoken.Enco
             raise ValueError(f"{path}: vocabulary is not byte-level (token {s!r} has a "
                              "character that is no byte)")
         ranks[bytes(byte_of[c] for c in s)] = i
-    for b in range(256):  # tiktoken panics on a byte it cannot encode
-        if bytes([b]) not in ranks:
-            raise ValueError(f"{path}: byte 0x{b:02X} ({bytes_to_unicode()[b]!r}) has no token")
     try:
         return tiktoken.Encoding(name="tokenizer.json", pat_str=_pattern(tj.get("pre_tokenizer"),
                                  path), mergeable_ranks=ranks,
@@ -890,7 +899,13 @@ def _encoding(tj: dict, folder: Path, path: Path) -> Tokenizer:
     ids = {**{c: t["id"] for c, t in plain.items()}, **norm}
     tok = Tokenizer(enc, eos_id=-1, chat=None, name="tokenizer.json",
                     bos_id=_bos(tj.get("post_processor"), added, path), normalizer=normalizer,
-                    raw_added=raw, norm_added=alternation(list(norm)), added_ids=ids)
+                    raw_added=raw, norm_added=alternation(list(norm)), added_ids=ids,
+                    source=str(path))
+    if byte_level:  # Tokenizer.encode refuses text with a byte that has no token
+        added_ids = {t["id"] for t in added.values()}
+        spelled = bytes(sorted(b for b, c in bytes_to_unicode().items()
+                               if c in vocab and vocab[c] not in added_ids))
+        tok.spelled = spelled if len(spelled) < 256 else None
     return _with_template(tok, folder, path, added)
 
 
