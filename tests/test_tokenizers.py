@@ -254,6 +254,8 @@ FAMILIES = {
     "qwen3": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>"),
     "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                "<|begin_of_text|>", "<|eot_id|>"),
+    "llama3.1": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                 "<|begin_of_text|>", "<|eot_id|>"),
     "llama3.2": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                  "<|begin_of_text|>", "<|eot_id|>"),
     "mistral-instruct": (["<unk>", "<s>", "</s>"], "<s>", "</s>"),
@@ -264,10 +266,11 @@ FAMILIES = {
     "phi3.5": (["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"],
                "<s>", "<|endoftext|>"),
 }
-STYLE = {"smollm2": "chatml", "qwen2.5": "chatml", "qwen3": "chatml", "llama3": "llama3", "llama3.2": "llama3.2",
+STYLE = {"smollm2": "chatml", "qwen2.5": "chatml", "qwen3": "chatml", "llama3": "llama3", "llama3.1": "llama3.1",
+         "llama3.2": "llama3.2",
          "mistral-instruct": "mistral", "zephyr": "zephyr", "gemma2": "gemma", "phi3": "phi3", "phi3.5": "phi3.5"}
 EOS = {"smollm2": "<|im_end|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>",
-       "llama3.2": "<|eot_id|>", "mistral-instruct": "</s>", "zephyr": "</s>", "gemma2": "<end_of_turn>",
+       "llama3.1": "<|eot_id|>", "llama3.2": "<|eot_id|>", "mistral-instruct": "</s>", "zephyr": "</s>", "gemma2": "<end_of_turn>",
        "phi3": "<|end|>", "phi3.5": "<|end|>"}
 SYSTEM = {"role": "system", "content": "You are terse. 日本語 ok."}
 DIALOGUE = [{"role": "user", "content": "Hi there, 2 + 2?"}, {"role": "assistant", "content": "  4, of course.\n"},
