@@ -414,3 +414,17 @@ def test_hub_cache_link_out_of_its_repository_is_refused(tmp_path, hf_checkpoint
             from_pretrained(snap)
         with pytest.raises(ValueError, match="config.json: is a symbolic link"):
             load_tokenizer(snap)
+
+
+def test_generate_cli_prompt_starts_with_bos(tmp_path, monkeypatch, capsys):
+    import generate
+    from model import GPT, GPTConfig, save_pretrained
+    folder = write(tmp_path, STYLES["byte-level-llama3-bos"]())
+    tok = load_tokenizer(folder)
+    save_pretrained(GPT(GPTConfig(arch="llama", vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                                  n_embd=16)), folder)
+    prompts, real = [], generate.generate
+    monkeypatch.setattr(generate, "generate", lambda model, p, *a, **k: prompts.append(p) or real(model, p, *a, **k))
+    generate.main(["--init", str(folder), "--prompt", "Hello world", "--num-samples", "2", "--max-new-tokens", "2"])
+    assert prompts[0] == [[tok.bos_id] + tok.encode("Hello world")] * 2
+    assert capsys.readouterr().out.count("--- sample") == 2
