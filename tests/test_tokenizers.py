@@ -206,8 +206,8 @@ def test_byte_level_styles_round_trip_and_split_added_tokens(tmp_path):
 def test_sentencepiece_byte_fallback_and_bos(tmp_path):
     tok = load_tokenizer(write(tmp_path / "sp", sentencepiece_json("legacy")))
     vocab = json.loads((tmp_path / "sp" / "tokenizer.json").read_text())["model"]["vocab"]
-    ids = tok.encode("日")  # not in the vocabulary: its three UTF-8 bytes
-    assert ids[-3:] == [vocab[f"<0x{b:02X}>"] for b in "日".encode()] and tok.decode(ids) == "日"
+    ids = tok.encode("🐙")  # not in the training text, so not in the vocabulary: its four UTF-8 bytes
+    assert ids[-4:] == [vocab[f"<0x{b:02X}>"] for b in "🐙".encode()] and tok.decode(ids) == "🐙"
     assert tok.bos_id == vocab["<s>"] and tok.eos_id == vocab["</s>"]
     row = encode_example(Example("The fox?", "4"), tok, "plain")
     assert row.prompt == [tok.bos_id] + tok.encode("The fox?") and tok.enc.pieces[tok.encode("the")[0]].startswith("▁")
