@@ -223,16 +223,16 @@ def main(argv=None):
 
 
 def sample_command(args):
-    from data import check_vocab, load_tokenizer, render_chat
+    from data import check_vocab, load_tokenizer, render_chat, with_bos
     from model import from_pretrained
 
     tok = load_tokenizer(args.init)
     model = from_pretrained(args.init, device=args.device).eval()
     check_vocab(tok, model.config.vocab_size, args.init)
     if args.chat:
-        ids = render_chat([{"role": "user", "content": args.prompt}], tok)
-    else:
-        ids = tok.encode(args.prompt) or [tok.eos_id]
+        ids = with_bos(render_chat([{"role": "user", "content": args.prompt}], tok), tok)
+    else:  # the beginning-of-text token the model was pretrained with, where it has one
+        ids = with_bos(tok.encode(args.prompt), tok) or [tok.eos_id]
     room = model.config.block_size - len(ids)
     if room < 1:
         raise ValueError(f"--prompt: {len(ids)} tokens fill the model's context of "

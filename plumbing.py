@@ -92,7 +92,8 @@ def device_name(text):
 def inside(folder: Path, name: str, named_in: Path | None = None) -> Path:
     """folder/name, refused unless it lies in folder itself: a relative name without '..' and no
     symbolic link on the way, so a checkpoint cannot make us read (or copy out) files elsewhere.
-    named_in: the file that gave the name, for the message."""
+    The one link followed: a Hugging Face hub cache snapshot's, into its own repository's blobs/
+    (hub_blob). named_in: the file that gave the name, for the message."""
     rel = Path(name)
     if not rel.parts or rel.is_absolute() or ".." in rel.parts:
         raise ValueError(f"{named_in or folder}: {name!r} points outside the checkpoint folder "
@@ -100,9 +101,19 @@ def inside(folder: Path, name: str, named_in: Path | None = None) -> Path:
     path = folder
     for part in rel.parts:
         path = path / part
-        if path.is_symlink():
+        if path.is_symlink() and not hub_blob(path):
             raise ValueError(f"{path}: is a symbolic link (copy the real file into {folder})")
     return path
+
+
+def hub_blob(link: Path) -> bool:
+    """link is models--ORG--NAME/snapshots/REV/.../FILE and resolves to a file directly in that
+    same models--ORG--NAME/blobs/, as the hub cache lays files out."""
+    snapshots = next((p for p in link.absolute().parents if p.name == "snapshots"), None)
+    if snapshots is None or not snapshots.parent.name.startswith("models--"):
+        return False
+    real = link.resolve()
+    return real.parent == snapshots.parent.resolve() / "blobs" and real.is_file()
 
 
 def unique_keys(pairs):

@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_load_tokenizer_order(tmp_path):
 # --- chat templates -------------------------------------------------------------
 
 def test_chatml_template(tmp_path):
-    hf_tokenizer(tmp_path, chat_template="{% for m in messages %}<|im_start|>{{ m['role'] }}...{% endfor %}")
+    hf_tokenizer(tmp_path, chat_template=(Path(__file__).parent / "chat_templates" / "qwen3.jinja").read_text())
     tok = load_tokenizer(tmp_path)
     assert tok.chat == "chatml"
     start, end = tok.special("<|im_start|>"), tok.special("<|im_end|>")
