@@ -35,8 +35,7 @@ from tqdm import tqdm
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
                   encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
 from generate import autocast, bash_mix, generate, packed_linears, rac_labels
-from model import (GPT, checked_config, config_to_hf, from_pretrained, masked_nll, save_pretrained,
-                   token_nll)
+from model import GPT, checked_config, config_to_hf, from_pretrained, save_pretrained
 from plumbing import (EXPECTED, claim_out, device_name, error_line, find_checkpoint, finite,
                       forget_replaced, fraction, load_train_state, log, non_negative_float,
                       non_negative_int, positive_float, positive_int, release_out, run_settings,
@@ -191,12 +190,12 @@ def step_loss(model, sft, method, denom, noise_alpha, device, precision="auto"):
     x, y, mask = collate([r.prompt for r in items], [r.inputs for r in items],
                          [r.targets for r in items], pad_id=0, masks=[r.mask for r in items],
                          device=device)
-    with autocast(device, precision):
-        logits = model(x, noise_alpha=noise_alpha)
-    n = len(sft)
-    j_sft = masked_nll(logits[:n], y[:n], mask[:n], denom=denom)  # Eq. 1
-    j_method = (masked_nll(logits[n:], y[n:], mask[n:], denom=denom) if method  # Eq. 5 / Eq. 7
-                else logits.new_zeros(()))
+    with autocast(device, precision):  # -log p at the scored positions only, row by row
+        nll = model(x, noise_alpha=noise_alpha, targets=y, scored=mask)
+    weight = mask[mask != 0]
+    k = int((mask[:len(sft)] != 0).sum())  # the SFT rows come first
+    j_sft = (nll[:k] * weight[:k]).sum() / denom  # Eq. 1
+    j_method = (nll[k:] * weight[k:]).sum() / denom  # Eq. 5 (BASH) / Eq. 7 (RAC): zero if none
     return torch.stack([j_sft, j_method]), sum(len(r.prompt) + len(r.inputs) - 1 for r in items)
 
 
@@ -381,9 +380,10 @@ def sequence_logps(model, prompts, responses, device, precision="auto"):
     (n,) log-probs and the number of tokens read."""
     x, y, mask = collate(prompts, responses, responses, pad_id=0, device=device)
     with autocast(device, precision):
-        logits = model(x)
+        nll = model(x, targets=y, scored=mask)  # the response positions, row by row
     tokens = sum(len(p) + len(r) - 1 for p, r in zip(prompts, responses))
-    return -(token_nll(logits, y) * mask).sum(1), tokens
+    rows = mask.nonzero()[:, 0]
+    return -nll.new_zeros(len(prompts)).index_add(0, rows, nll), tokens
 
 
 def dpo_loss(policy, ref, beta):

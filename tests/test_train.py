@@ -103,19 +103,28 @@ def finish(proc, timeout=120):
 # 1. Prompt and padding positions never reach the loss
 
 
-class LogitSpy(torch.nn.Module):
-    """Wraps a GPT so the test can read d(loss)/d(logits) after step_loss's backward."""
+class HiddenSpy(torch.nn.Module):
+    """Wraps a GPT so the test can read d(loss)/d(final hidden states) after step_loss's backward.
+    A position's logits depend on its own final hidden state alone, so a position whose hidden
+    state gets no gradient got none through its logits either."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.logits = None
+        self.hidden, self.logits_dtype = None, None
+        model.ln_f.register_forward_hook(self.keep)
+        model.lm_head.register_forward_hook(self.head)
 
-    def forward(self, x, noise_alpha=0.0):
-        logits = self.model(x, noise_alpha=noise_alpha)
-        logits.retain_grad()
-        self.logits = logits
-        return logits
+    def keep(self, module, inputs, out):
+        if out.requires_grad:
+            out.retain_grad()
+        self.hidden = out
+
+    def head(self, module, inputs, out):
+        self.logits_dtype = out.dtype
+
+    def forward(self, x, **kw):
+        return self.model(x, **kw)
 
 
 def spy_collate(monkeypatch, new_pad=None, scramble_masked_targets=False, seed=0):
@@ -144,7 +153,7 @@ def two_rows():
 
 def test_prompt_and_padding_get_no_gradient(monkeypatch):
     rows = two_rows()
-    model = LogitSpy(tiny_gpt())
+    model = HiddenSpy(tiny_gpt())
     seen = spy_collate(monkeypatch)
     sft, aux = train.loss_rows(rows, [0, 1], None)
     assert aux == []
@@ -159,7 +168,7 @@ def test_prompt_and_padding_get_no_gradient(monkeypatch):
         expected[i, len(r.prompt) - 1:len(r.prompt) - 1 + len(r.response)] = 1
     assert torch.equal(seen["mask"], expected)
     assert n_tok == (3 + 12 - 1) + (8 + 2 - 1)  # every token the forward reads, prompts included
-    grad = model.logits.grad
+    grad = model.hidden.grad
     assert grad is not None and grad.shape[:2] == (2, 14)
     masked = seen["mask"] == 0
     assert masked[1, -5:].all() and masked[0, :2].all()  # there is padding and there are prompt positions
@@ -203,7 +212,7 @@ def test_rac_unmasked_positions_get_no_gradient(monkeypatch):
     rows = two_rows()
     offline = {0: train.TrainRow(rows[0].prompt, [10, 9, 12, 8, 14], [10, 11, 12, 13, 14], [0, 1, 0, 1, 0]),
                1: train.TrainRow(rows[1].prompt, [40, 63], [40, 63], [0, 0])}
-    model = LogitSpy(tiny_gpt())
+    model = HiddenSpy(tiny_gpt())
     seen = spy_collate(monkeypatch)
     sft, aux = train.loss_rows(rows, [0, 1], offline)
     assert len(aux) == 1  # the row with no correction adds nothing
@@ -211,12 +220,12 @@ def test_rac_unmasked_positions_get_no_gradient(monkeypatch):
     assert denom == 14
     terms, _ = train.step_loss(model, sft, aux, denom, 0.0, CPU)
     terms[1].backward()
-    g = model.logits.grad[2]  # the RAC row comes after the two SFT rows
+    g = model.hidden.grad[2]  # the RAC row comes after the two SFT rows
     scored = seen["mask"][2] == 1
     assert scored.nonzero().flatten().tolist() == [len(rows[0].prompt) - 1 + 1, len(rows[0].prompt) - 1 + 3]
     assert torch.count_nonzero(g[~scored]) == 0
     assert (g[scored].abs().sum(-1) > 0).all()
-    assert torch.count_nonzero(model.logits.grad[:2]) == 0  # terms[1] alone never touches the SFT rows
+    assert torch.count_nonzero(model.hidden.grad[:2]) == 0  # terms[1] alone never touches the SFT rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,13 +303,13 @@ def test_micro_batch_size_does_not_change_training(files, tmp_path):
 def test_bf16_precision_on_cpu_runs_the_training_forward_in_bf16(files, tmp_path):
     """--precision bf16: the logits come from bf16 matmuls, close to fp32's but not equal, and
     the flag reaches the training loop; auto on a CPU is exactly fp32."""
-    rows, model = two_rows(), LogitSpy(tiny_gpt())
+    rows, model = two_rows(), HiddenSpy(tiny_gpt())
     sft, aux = train.loss_rows(rows, [0, 1], None)
     denom = train.sft_tokens(rows, [0, 1])
     terms = {}
     for precision in ("fp32", "auto", "bf16"):
         terms[precision], _ = train.step_loss(model, sft, aux, denom, 0.0, CPU, precision)
-        assert model.logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        assert model.logits_dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
     assert torch.equal(terms["auto"], terms["fp32"])
     assert not torch.equal(terms["bf16"], terms["fp32"])
     torch.testing.assert_close(terms["bf16"], terms["fp32"], rtol=2e-2, atol=2e-2)
