@@ -477,6 +477,7 @@ def start(args) -> Run:
     torch.manual_seed(seed_for(args.seed, "torch"))  # dropout and NEFTune noise
     tok = make_tokenizer(args)
     raw = make_model(args, tok, device)
+    raw.checkpointing = args.activation_checkpointing  # same gradients, less memory (README)
     max_len = args.max_len or raw.config.block_size
     check_model(args, tok, raw, max_len)
     rows, task = load_rows(args.data, tok, args.task, max_len, args.overflow,
@@ -801,6 +802,8 @@ def get_args(argv=None):
                    help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep each block's input only and recompute the block in backward")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="training forwards: auto = bf16 on CUDA, fp32 on a CPU")
     g.add_argument("--device", type=device_name,

@@ -294,6 +294,29 @@ def test_chunked_loss_equals_masked_nll_on_full_logits(arch, tied, monkeypatch):
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    """model.checkpointing (--activation-checkpointing) recomputes every block in backward; with
+    dropout on, the saved RNG state replays the same masks, so the gradients are the same."""
+    model = GPT(GPTConfig(arch="llama", vocab_size=31, block_size=16, n_layer=3, n_head=2,
+                          n_embd=16, dropout=0.2)).train()
+    x, y = tokens(31, (2, 9), seed=4), tokens(31, (2, 9), seed=5)
+    calls = []
+    for block in model.h:
+        block.register_forward_pre_hook(lambda m, i: calls.append(1))
+    grads = {}
+    for on in (False, True):
+        model.checkpointing = on
+        calls.clear()
+        torch.manual_seed(7)
+        grads[on] = grads_of(model, model(x, targets=y, scored=torch.ones(2, 9)).sum())
+        assert len(calls) == (2 if on else 1) * 3  # each block ran again in backward
+    for k in grads[False]:
+        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=0, atol=1e-6)
+    torch.manual_seed(8)  # the check is sharp: other dropout masks give other gradients
+    other = grads_of(model, model(x, targets=y, scored=torch.ones(2, 9)).sum())
+    assert not torch.allclose(other["h.0.attn.c_attn.weight"], grads[False]["h.0.attn.c_attn.weight"])
+
+
 def test_chunked_loss_with_nothing_scored_is_empty():
     model = GPT(GPTConfig(arch="llama", vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=8))
     x = tokens(13, (2, 5))

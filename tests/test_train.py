@@ -289,15 +289,17 @@ def test_token_weighted_accumulation_matches_one_batch(method, term):
 
 
 def test_micro_batch_size_does_not_change_training(files, tmp_path):
-    """The loop itself: 8 rows per step in 1 micro-batch or in 4 gives the same weights."""
+    """The loop itself: 8 rows per step in 1 micro-batch or in 4 gives the same weights, and so
+    does --activation-checkpointing (each block recomputed in backward)."""
     outs = []
-    for micro in (8, 2):
-        out = tmp_path / f"mb{micro}"
+    for micro, extra in ((8, []), (2, []), (2, ["--activation-checkpointing"])):
+        out = tmp_path / f"mb{micro}{len(extra)}"
         train.main(tiny_args(files, out, "--method", "bash", "--sft-epochs", "1", "--iter-epochs", "1",
-                             "--build-batch-size", "64", batch=8, micro=micro))
+                             "--build-batch-size", "64", *extra, batch=8, micro=micro))
         outs.append(weights(out / "checkpoint"))
     for k in outs[0]:
         torch.testing.assert_close(outs[1][k], outs[0][k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(outs[2][k], outs[1][k], rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
 def test_bf16_precision_on_cpu_runs_the_training_forward_in_bf16(files, tmp_path):
