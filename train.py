@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
                   encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
-from generate import autocast, bash_mix, generate, packed_linears, rac_labels
+from generate import autocast, bash_mix, decode_rows, generate, packed_linears, rac_labels
 from model import GPT, checked_config, config_to_hf, from_pretrained, save_pretrained
 from plumbing import (EXPECTED, claim_out, device_name, error_line, find_checkpoint, finite,
                       forget_replaced, fraction, load_train_state, log, non_negative_float,
@@ -243,14 +243,16 @@ def rac_rows(model, rows, max_new_tokens, temperature, seed, eos_id) -> list[Tra
     return [TrainRow(r.prompt, zi, zb, c) for r, zi, zb, c in zip(rows, z, zbar, corrected)]
 
 
-def build_offline(model, rows, build, batch_size, seed, rank, world) -> list:
+def build_offline(model, rows, build, batch_size, seed, rank, world, precision="auto") -> list:
     """Algorithms 1-2, line 8: the offline set with the current weights, one row per row.
     build(model, rows, seed) makes one decode batch. Whole batches are dealt to the ranks
-    round-robin and each is seeded by its own number, so the set does not depend on the ranks."""
+    round-robin and each is seeded by its own number, so the set does not depend on the ranks.
+    Decoding runs in the training's precision (bf16: the KV cache in bf16 too)."""
     model.eval()
     starts = list(range(0, len(rows), batch_size))
     out = {}
-    with packed_linears(model, batch_size):  # pack the weights once for every batch
+    # pack the weights once for every batch
+    with autocast(model.device, precision), packed_linears(model, batch_size):
         for k in tqdm(starts[rank::world], desc="build", disable=rank != 0, leave=False):
             made = build(model, rows[k:k + batch_size], seed_for(seed, "batch", k // batch_size))
             out.update(zip(range(k, k + len(made)), made))
@@ -288,13 +290,26 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
     if m.build is None or m.online:
         state.update(iteration=iteration, offline=None, stats={})
         return
-    offline = build_offline(r.raw, r.rows, functools.partial(m.build, r), r.args.build_batch_size,
-                            seed_for(r.args.seed, "offline", iteration), r.rank, r.world)
+    new = max(max(len(x.response) for x in r.rows), r.rac_max_new_tokens, r.spin_max_new_tokens)
+    batch = fitting_batch(r.raw, r.rows, r.args.build_batch_size, new, r.args.precision)
+    offline = build_offline(r.raw, r.rows, functools.partial(m.build, r), batch,
+                            seed_for(r.args.seed, "offline", iteration), r.rank, r.world,
+                            r.args.precision)
     state.update(iteration=iteration, offline=offline, stats=offline_stats(offline))
     report["build_s"] += time.perf_counter() - t0
     if r.rank == 0:
         log(r.out, {"step": state["step"], "iteration": iteration + 1,
                     "build_s": round(time.perf_counter() - t0, 3), **state["stats"]})
+
+
+def fitting_batch(model, rows, batch_size, new_tokens, precision) -> int:
+    """Rows per decode batch: batch_size, or fewer where their KV cache (the longest prompt +
+    new_tokens columns, in the compute dtype), prefill and logits would pass generate.BUILD_BYTES
+    (generate.decode_rows). The set then depends on the model and the rows, not on the machine."""
+    P = max(len(x.prompt) for x in rows)
+    bf16 = precision == "bf16" or (precision == "auto" and model.device.type == "cuda")
+    itemsize = 2 if bf16 else model.dtype.itemsize
+    return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize))
 
 
 def build_bash(r: Run, model, rows, seed):
@@ -313,8 +328,9 @@ def build_scs(r: Run, model, rows, step):
     """SCS (Eq. 3-4): BASH's mixing of this step's rows with the current weights, without
     dropout, seeded by the step."""
     model.eval()
-    made = bash_rows(model, rows, r.args.beta, r.args.mix_temperature,
-                     seed_for(r.args.seed, "scs", step))
+    with autocast(model.device, r.args.precision):
+        made = bash_rows(model, rows, r.args.beta, r.args.mix_temperature,
+                         seed_for(r.args.seed, "scs", step))
     r.model.train()
     return made
 
@@ -639,8 +655,10 @@ def check_plan(args, n_rows, world) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None):
-    """Validation loss (SFT, token-weighted), exact match of final answers, ROUGE for summaries."""
+def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None,
+             precision="auto"):
+    """Validation loss (SFT, token-weighted, fp32), exact match of final answers, ROUGE for
+    summaries; answers decoded in `precision`."""
     model.eval()
     total, count = 0.0, 0
     for k in range(0, len(rows), micro_batch):
@@ -650,7 +668,8 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
         count += sum(len(r.targets) for r in sft)
     out = {"val_loss": total / max(count, 1)}
     if any(r.answer is not None for r in rows) or task == "summarize":
-        texts = generate_answers(model, rows, tok, gen_batch, max_new_tokens)
+        texts = generate_answers(model, rows, tok, gen_batch, max_new_tokens,
+                                 precision=precision)
         scored = [(t, r) for t, r in zip(texts, rows) if r.answer is not None]
         if scored:
             out["accuracy"] = sum(extract_answer(t) == r.answer for t, r in scored) / len(scored)
@@ -663,14 +682,15 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
     return out
 
 
-def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperature=0.0, seed=0):
+def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperature=0.0, seed=0,
+                     precision="auto"):
     """Answers to every row's prompt, as text: greedy, or sampled at `temperature` (batch k seeded
-    by seed_for(seed, "answers", k))."""
+    by seed_for(seed, "answers", k)); decoded in `precision` with the weights packed once."""
     block = model.config.block_size
     max_new = (min(max_new_tokens, block - max(len(r.prompt) for r in rows)) if max_new_tokens
                else new_token_cap(rows, block))
     texts = []
-    with packed_linears(model, batch_size):
+    with autocast(model.device, precision), packed_linears(model, batch_size):
         for k in range(0, len(rows), batch_size):
             chunk = rows[k:k + batch_size]
             gen = generate(model, [r.prompt for r in chunk], max_new, temperature,
@@ -684,8 +704,10 @@ def evaluate_run(r: Run, state: dict, tag: str) -> dict:
     res = {}
     if r.eval_rows and r.rank == 0:
         a = r.args
-        res = evaluate(r.raw, r.eval_rows, r.tok, r.task, a.micro_batch_size,
-                       a.build_batch_size, a.eval_max_new_tokens)
+        new = a.eval_max_new_tokens or new_token_cap(r.eval_rows, r.raw.config.block_size)
+        batch = fitting_batch(r.raw, r.eval_rows, a.build_batch_size, new, a.precision)
+        res = evaluate(r.raw, r.eval_rows, r.tok, r.task, a.micro_batch_size, batch,
+                       a.eval_max_new_tokens, a.precision)
         log(r.out, {"step": state["step"], "phase": tag, **res})
     return from_rank0(res, r.world)
 
