@@ -528,16 +528,17 @@ def from_pretrained(path, dtype=torch.float32, device="cpu") -> "GPT":
     return model.to(device)
 
 
-def save_pretrained(model: GPT, path, extra_config: dict | None = None):
+def save_pretrained(model: GPT, path, extra_config: dict | None = None, state: dict | None = None):
     """Write config.json + model.safetensors that transformers loads unchanged.
 
     Each file goes to a temporary name first and is renamed, so an interrupted save never leaves
     a half-written checkpoint behind. extra_config: our own fields (e.g. the tokenizer name).
+    state: the weights to write, when not model.state_dict() (a sharded model's, gathered whole).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    ours = dict(model.state_dict())
+    ours = dict(model.state_dict() if state is None else state)
     tensors = {}
     for name, parts, transposed in hf_layout(cfg):
         t = ours[name].detach()

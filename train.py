@@ -30,6 +30,11 @@ from typing import Callable, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
@@ -117,25 +122,28 @@ def train_step(r: Run, step: int, idx: list[int], offline, method: str):
     read, lr)."""
     m, mine = METHODS[method], idx[r.rank::r.world]
     if m.online:  # SCS, Eq. 3: the offline rows rebuilt with the current weights at every step
-        offline = dict(zip(mine, m.build(r, r.raw, [r.rows[i] for i in mine], step)))
+        offline = dict(zip(mine, m.build(r, decoder(r), [r.rows[i] for i in mine], step)))
     lr = lr_at(step, r.total, r.args)
     for group in r.opt.param_groups:
         group["lr"] = lr
     parts = (pair_parts if m.pairs else sft_parts)(r, idx, mine, offline, m)
     sums = torch.zeros(len(m.logged) + 1, device=r.raw.device)  # the logged terms, tokens read
     for j, part in enumerate(parts):
-        with r.model.no_sync() if r.world > 1 and j < len(parts) - 1 else nullcontext():
+        # DDP: reduce once, at the last micro-batch; FSDP reduce-scatters each (no full gradient)
+        ddp_accumulates = r.world > 1 and not r.args.fsdp and j < len(parts) - 1
+        with r.model.no_sync() if ddp_accumulates else nullcontext():
             loss, logged, tokens = part()
-            # DDP averages gradients over ranks; our loss is a global-batch sum: undo the average
+            # DDP and FSDP average gradients over ranks; our loss is a global-batch sum: undo that
             (loss * r.world).backward()
         sums += torch.cat([logged, logged.new_tensor([tokens])])
     if r.world > 1:
         dist.all_reduce(sums)
     params = list(r.raw.parameters())
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if not torch.isfinite(torch.cat([sums[:-1], norm[None]])).all():  # never step on NaN or inf
+    whole = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: over all shards
+    if not torch.isfinite(torch.cat([sums[:-1], whole[None]])).all():  # never step on NaN or inf
         terms = ", ".join(f"{n} {v:.4g}" for n, v in zip(m.logged, sums.tolist()))
-        raise ValueError(f"step {step + 1}: the loss ({terms}) or the gradient norm ({norm:.4g}) "
+        raise ValueError(f"step {step + 1}: the loss ({terms}) or the gradient norm ({whole:.4g}) "
                          "is not finite; stopped before the update, the last checkpoint is kept "
                          "(lower --lr, or check the data)")
     if r.args.grad_clip > 0:
@@ -292,7 +300,7 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
         return
     new = max(max(len(x.response) for x in r.rows), r.rac_max_new_tokens, r.spin_max_new_tokens)
     batch = fitting_batch(r.raw, r.rows, r.args.build_batch_size, new, r.args.precision)
-    offline = build_offline(r.raw, r.rows, functools.partial(m.build, r), batch,
+    offline = build_offline(decoder(r), r.rows, functools.partial(m.build, r), batch,
                             seed_for(r.args.seed, "offline", iteration), r.rank, r.world,
                             r.args.precision)
     state.update(iteration=iteration, offline=offline, stats=offline_stats(offline))
@@ -503,8 +511,13 @@ def start(args) -> Run:
                           False)[0] if args.eval_data else []
     cap = new_token_cap(rows, max_len)  # RAC's and SPIN's default cap on z
     per_epoch = check_plan(args, len(rows), world)
+    if args.fsdp and world == 1:
+        raise ValueError("--fsdp shards over torchrun's processes: run it under torchrun "
+                         "--nproc_per_node=N (N > 1)")
     model = raw
-    if world > 1:
+    if args.fsdp:
+        shard(raw, device, args.precision)  # raw itself becomes the sharded module
+    elif world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
     if args.compile:
@@ -546,6 +559,37 @@ def setup_distributed(device):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+def shard(model: GPT, device, precision):
+    """--fsdp (FSDP2): each block, then the root (embeddings, final norm, head), sharded over the
+    processes, so parameters, gradients and AdamW's moments each take 1/world per rank; a block's
+    weights are gathered for its forward and backward only. On CUDA the forward and backward
+    compute in bf16 from fp32 master weights, and gradients are reduced in fp32."""
+    bf16 = device.type == "cuda" and precision != "fp32"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32)
+    for block in model.h:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def decoder(r: Run) -> GPT:
+    """The model that decodes (offline sets, SCS, evaluation): the model itself, or under --fsdp a
+    full copy gathered on every rank. A sharded forward is a collective, and ranks decode different
+    batches whose rows stop at different lengths: with shards they would wait on each other."""
+    if not r.args.fsdp:
+        return r.raw
+    full = get_model_state_dict(r.model, options=StateDictOptions(full_state_dict=True))
+    with torch.device("meta"):
+        copy = GPT(r.raw.config)
+    copy.load_state_dict(full, assign=True)
+    for name, buf in r.raw.named_buffers():  # the rotary tables: not sharded, not in the dict
+        owner, _, leaf = name.rpartition(".")
+        copy.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
+    if copy.config.tie_embeddings:
+        copy.lm_head.weight = copy.wte.weight
+    return copy.train(r.raw.training)
 
 
 def from_rank0(value, world):
@@ -702,20 +746,28 @@ def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperat
 def evaluate_run(r: Run, state: dict, tag: str) -> dict:
     """Evaluate on rank 0 and log it; every rank returns rank 0's result."""
     res = {}
+    model = decoder(r) if r.eval_rows else None  # --fsdp: every rank takes part in the gather
     if r.eval_rows and r.rank == 0:
         a = r.args
         new = a.eval_max_new_tokens or new_token_cap(r.eval_rows, r.raw.config.block_size)
         batch = fitting_batch(r.raw, r.eval_rows, a.build_batch_size, new, a.precision)
-        res = evaluate(r.raw, r.eval_rows, r.tok, r.task, a.micro_batch_size, batch,
+        res = evaluate(model, r.eval_rows, r.tok, r.task, a.micro_batch_size, batch,
                        a.eval_max_new_tokens, a.precision)
         log(r.out, {"step": state["step"], "phase": tag, **res})
     return from_rank0(res, r.world)
 
 
 def checkpoint(r: Run, state: dict):
-    """Save the model, the optimizer and the run's state on rank 0 (plumbing.save_checkpoint)."""
+    """Save the model, the optimizer and the run's state on rank 0 (plumbing.save_checkpoint).
+    --fsdp: the weights and the optimizer state gathered whole onto rank 0's CPU first, so the
+    checkpoint is the same Hugging Face layout, and --resume shards it again."""
+    weights, opt_state = r.raw.state_dict(), None
+    if r.args.fsdp:  # a collective: every rank gathers, rank 0 receives
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(r.model, options=whole)
+        opt_state = get_optimizer_state_dict(r.model, r.opt, options=whole)
     if r.rank == 0:
-        if not all(torch.isfinite(p).all() for p in r.raw.parameters()):  # never save NaN
+        if not all(torch.isfinite(t).all() for t in weights.values()):  # never save NaN
             raise ValueError(f"step {state['step']}: the weights are not finite; the last "
                              "checkpoint is kept (lower --lr)")
         saved = {**state, "offline": state["offline"] and [tuple(o) for o in state["offline"]]}
@@ -724,8 +776,9 @@ def checkpoint(r: Run, state: dict):
         log_file = r.out / "log.jsonl"
         info = {"settings": r.settings, "log_bytes": log_file.stat().st_size
                 if log_file.exists() else 0}  # where --resume cuts the log back to
-        save_checkpoint(lambda folder: save_pretrained(r.raw, folder, extra), r.opt, saved, r.out,
-                        None if r.args.init == "scratch" else r.args.init, info)
+        save_checkpoint(lambda folder: save_pretrained(r.raw, folder, extra, weights), r.opt,
+                        saved, r.out, None if r.args.init == "scratch" else r.args.init, info,
+                        opt_state)
     if r.world > 1:
         dist.barrier()
 
@@ -738,12 +791,20 @@ def resume(r: Run) -> dict | None:
         ckpt = find_checkpoint(r.out)
     except FileNotFoundError:
         return None
+    whole, load_optimizer = StateDictOptions(full_state_dict=True), None
     try:
-        r.raw.load_state_dict(from_pretrained(ckpt, device=r.raw.device).state_dict())
+        weights = from_pretrained(ckpt, device=r.raw.device).state_dict()
+        if r.args.fsdp:  # every rank reads the whole checkpoint and keeps its own shards
+            set_model_state_dict(r.model, weights, options=whole)
+            load_optimizer = functools.partial(set_optimizer_state_dict, r.model, r.opt,
+                                               options=whole)
+        else:
+            r.raw.load_state_dict(weights)
     except RuntimeError:  # sizes differ: --resume-with-new-settings cannot change the model
         raise ValueError(f"{ckpt}: its weights do not fit this run's model (resume with the "
                          "model flags it was saved with)") from None
-    return load_train_state(ckpt, r.opt, PairRow if METHODS[r.args.method].pairs else TrainRow)
+    return load_train_state(ckpt, r.opt, PairRow if METHODS[r.args.method].pairs else TrainRow,
+                            load_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -824,6 +885,8 @@ def get_args(argv=None):
                    help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="keep each block's input only and recompute the block in backward")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),

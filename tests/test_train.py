@@ -428,15 +428,28 @@ def dist_runs(files, tmp_path_factory):
             args = [*TINY, "--data", str(files[0]), "--out", str(out), "--batch-size", "8", "--micro-batch-size", "2",
                     *method_args]
             procs[name, n] = (out, start(torchrun_cmd(args) if n == 2 else [sys.executable, "train.py", *args]))
+        # --fsdp (FSDP2 over gloo): bash also evaluates, and builds its offline set, sharded
+        out = root / f"{name}-fsdp"
+        extra = ["--eval-data", str(files[1])] if name == "bash" else []
+        procs[name, "fsdp"] = (out, start(torchrun_cmd([*TINY, "--data", str(files[0]), "--out", str(out),
+                                                        "--batch-size", "8", "--micro-batch-size", "2",
+                                                        *method_args, "--fsdp", *extra])))
     out = root / "eval-2"
     procs["eval", 2] = (out, start(torchrun_cmd(tiny_args(files, out, "--method", "sft", "--iter-epochs", "1",
                                                           batch=8, micro=2))))
+    out = root / "stop-fsdp"
+    procs["stop", "fsdp"] = (out, start(torchrun_cmd(fsdp_stop_args(files, out, "--stop-after", "3"))))
     return {key: (out, *finish(p, timeout=180)) for key, (out, p) in procs.items()}
+
+
+def fsdp_stop_args(files, out, *extra):
+    return [*TINY, "--data", str(files[0]), "--out", str(out), "--batch-size", "8", "--micro-batch-size", "2",
+            *DIST_RUNS["sft"][0], "--fsdp", *extra]
 
 
 def check_dist_run(dist_runs, key):
     out, rc, _, err = dist_runs[key]
-    what = "torchrun with 2 gloo processes" if key[1] == 2 else "one process"
+    what = {1: "one process", 2: "torchrun with 2 gloo processes"}.get(key[1], "torchrun --fsdp, 2 processes")
     assert rc == 0, f"{what} failed (rc {rc}):\n{err[-5000:]}"
     return out
 
@@ -455,6 +468,39 @@ def test_torchrun_two_processes_match_one(dist_runs, name):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("name", list(DIST_RUNS))
+def test_fsdp_two_processes_match_one(dist_runs, name):
+    """--fsdp: parameters, gradients and AdamW's state sharded over 2 processes; the same weights
+    as one process on the same global batch, written whole in the Hugging Face layout."""
+    one, two = check_dist_run(dist_runs, (name, 1)), check_dist_run(dist_runs, (name, "fsdp"))
+    check_log(two, DIST_RUNS[name][1])
+    w1, w2 = weights(one / "checkpoint"), weights(two / "checkpoint")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    if name == "bash":  # evaluated under FSDP too
+        recs = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+        assert sum("val_loss" in r for r in recs) == 2
+
+
+def test_fsdp_stop_and_resume_is_exact(dist_runs, files):
+    """Stopped after 3 of 8 steps, resumed under --fsdp (the gathered optimizer state sharded
+    again): the weights of the uninterrupted --fsdp run, and it loads in transformers."""
+    out = check_dist_run(dist_runs, ("stop", "fsdp"))
+    assert torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)["step"] == 3
+    rc, _, err = finish(start(torchrun_cmd(fsdp_stop_args(files, out, "--resume"))), timeout=180)
+    assert rc == 0, err[-5000:]
+    whole = check_dist_run(dist_runs, ("sft", "fsdp"))
+    wa, wb = weights(whole / "checkpoint"), weights(out / "checkpoint")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs after stop and resume under --fsdp"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "checkpoint", torch_dtype=torch.float32).eval()
+    ids = torch.tensor([list(b"12+34-5=12+34=46,46-5=41 #### 41")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, from_pretrained(out / "checkpoint")(ids), rtol=0, atol=1e-5)
 
 
 def test_torchrun_with_eval_data_finishes(dist_runs):
