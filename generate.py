@@ -278,8 +278,8 @@ def sample_command(args):
 # oneDNN's re-laid-out weights that runs 1.4-2x faster than with the plain layout (same results).
 
 
-# bytes that a decode batch (its KV cache, prefill activations and a step's logits) or a chunk of
-# RAC's labelling pass may take: the build batch is cut to fit (decode_rows)
+# bytes that a chunk of RAC's labelling pass may take, and decode_rows' default budget for a
+# decode batch (train.py's --build-memory-gb sets that one)
 BUILD_BYTES = 1 << 30
 
 

@@ -299,7 +299,8 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
         state.update(iteration=iteration, offline=None, stats={})
         return
     new = max(max(len(x.response) for x in r.rows), r.rac_max_new_tokens, r.spin_max_new_tokens)
-    batch = fitting_batch(r.raw, r.rows, r.args.build_batch_size, new, r.args.precision)
+    batch = fitting_batch(r.raw, r.rows, r.args.build_batch_size, new, r.args.precision,
+                          r.args.build_memory_gb)
     offline = build_offline(decoder(r), r.rows, functools.partial(m.build, r), batch,
                             seed_for(r.args.seed, "offline", iteration), r.rank, r.world,
                             r.args.precision)
@@ -310,14 +311,15 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
                     "build_s": round(time.perf_counter() - t0, 3), **state["stats"]})
 
 
-def fitting_batch(model, rows, batch_size, new_tokens, precision) -> int:
+def fitting_batch(model, rows, batch_size, new_tokens, precision, gb) -> int:
     """Rows per decode batch: batch_size, or fewer where their KV cache (the longest prompt +
-    new_tokens columns, in the compute dtype), prefill and logits would pass generate.BUILD_BYTES
-    (generate.decode_rows). The set then depends on the model and the rows, not on the machine."""
+    new_tokens columns, in the compute dtype), prefill and logits would pass `gb` GB
+    (--build-memory-gb; generate.decode_rows). It depends on the model, the rows and the flags,
+    not on the machine."""
     P = max(len(x.prompt) for x in rows)
     bf16 = precision == "bf16" or (precision == "auto" and model.device.type == "cuda")
     itemsize = 2 if bf16 else model.dtype.itemsize
-    return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize))
+    return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize, int(gb * 1e9)))
 
 
 def build_bash(r: Run, model, rows, seed):
@@ -581,6 +583,8 @@ def decoder(r: Run) -> GPT:
     if not r.args.fsdp:
         return r.raw
     full = get_model_state_dict(r.model, options=StateDictOptions(full_state_dict=True))
+    if r.raw.device.type == "cuda" and r.args.precision != "fp32":  # as FSDP computes: bf16
+        full = {k: v.to(torch.bfloat16) for k, v in full.items()}  # half the copy's memory
     with torch.device("meta"):
         copy = GPT(r.raw.config)
     copy.load_state_dict(full, assign=True)
@@ -750,7 +754,8 @@ def evaluate_run(r: Run, state: dict, tag: str) -> dict:
     if r.eval_rows and r.rank == 0:
         a = r.args
         new = a.eval_max_new_tokens or new_token_cap(r.eval_rows, r.raw.config.block_size)
-        batch = fitting_batch(r.raw, r.eval_rows, a.build_batch_size, new, a.precision)
+        batch = fitting_batch(r.raw, r.eval_rows, a.build_batch_size, new, a.precision,
+                              a.build_memory_gb)
         res = evaluate(model, r.eval_rows, r.tok, r.task, a.micro_batch_size, batch,
                        a.eval_max_new_tokens, a.precision)
         log(r.out, {"step": state["step"], "phase": tag, **res})
@@ -867,6 +872,9 @@ def get_args(argv=None):
                    help="SPIN: cap on z (default: longest reference + 16)")
     g.add_argument("--build-batch-size", type=positive_int, default=256,
                    help="rows per decode batch when building offline sets")
+    g.add_argument("--build-memory-gb", type=positive_float, default=1.0,
+                   help="most memory a decode batch may take (KV cache, prefill, logits): fewer "
+                        "rows than --build-batch-size where they would not fit")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=positive_int, default=64,

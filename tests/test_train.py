@@ -329,6 +329,20 @@ def test_bf16_precision_on_cpu_runs_the_training_forward_in_bf16(files, tmp_path
 # Data order and checkpoint files
 
 
+def test_build_batch_fits_the_memory_budget():
+    """--build-memory-gb: the decode batch is cut to the rows whose KV cache (in the compute
+    dtype), prefill and logits fit; bf16 fits about twice the rows of fp32."""
+    model, rows = tiny_gpt(), two_rows()
+    P, new = 8, 10
+    # 1 layer, 2 key/value heads of 16, fp32: the cache; the prefill's scores over 2 heads and
+    # MLP of 2 x 128; three fp32 copies of 64 logits
+    per_row = 2 * 1 * 2 * 16 * (P + new) * 4 + 4 * P * (2 * (P + new) + 2 * 128) + 12 * 64
+    assert train.fitting_batch(model, rows, 256, new, "fp32", 1.0) == 256
+    assert train.fitting_batch(model, rows, 256, new, "fp32", 10 * per_row / 1e9) == 10
+    assert train.fitting_batch(model, rows, 256, new, "fp32", 1e-12) == 1
+    assert train.fitting_batch(model, rows, 256, new, "bf16", 10 * per_row / 1e9) > 10
+
+
 def test_batch_indices_cover_each_epoch_once():
     n, G, seed = 37, 8, 3
     per_epoch = train.steps_per_epoch(n, G)
@@ -428,23 +442,20 @@ def dist_runs(files, tmp_path_factory):
             args = [*TINY, "--data", str(files[0]), "--out", str(out), "--batch-size", "8", "--micro-batch-size", "2",
                     *method_args]
             procs[name, n] = (out, start(torchrun_cmd(args) if n == 2 else [sys.executable, "train.py", *args]))
-        # --fsdp (FSDP2 over gloo): bash also evaluates, and builds its offline set, sharded
-        out = root / f"{name}-fsdp"
-        extra = ["--eval-data", str(files[1])] if name == "bash" else []
-        procs[name, "fsdp"] = (out, start(torchrun_cmd([*TINY, "--data", str(files[0]), "--out", str(out),
-                                                        "--batch-size", "8", "--micro-batch-size", "2",
-                                                        *method_args, "--fsdp", *extra])))
     out = root / "eval-2"
     procs["eval", 2] = (out, start(torchrun_cmd(tiny_args(files, out, "--method", "sft", "--iter-epochs", "1",
                                                           batch=8, micro=2))))
-    out = root / "stop-fsdp"
-    procs["stop", "fsdp"] = (out, start(torchrun_cmd(fsdp_stop_args(files, out, "--stop-after", "3"))))
+    # --fsdp (FSDP2 over gloo) on bash: trains, builds its offline set and evaluates sharded; and
+    # the same run stopped inside its iteration, to be resumed
+    for name, extra in (("bash", ["--eval-data", str(files[1])]), ("stop", ["--stop-after", "5"])):
+        out = root / f"{name}-fsdp"
+        procs[name, "fsdp"] = (out, start(torchrun_cmd(fsdp_args(files, out, *extra))))
     return {key: (out, *finish(p, timeout=180)) for key, (out, p) in procs.items()}
 
 
-def fsdp_stop_args(files, out, *extra):
+def fsdp_args(files, out, *extra):
     return [*TINY, "--data", str(files[0]), "--out", str(out), "--batch-size", "8", "--micro-batch-size", "2",
-            *DIST_RUNS["sft"][0], "--fsdp", *extra]
+            *DIST_RUNS["bash"][0], "--fsdp", *extra]
 
 
 def check_dist_run(dist_runs, key):
@@ -470,29 +481,29 @@ def test_torchrun_two_processes_match_one(dist_runs, name):
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("name", list(DIST_RUNS))
-def test_fsdp_two_processes_match_one(dist_runs, name):
+def test_fsdp_two_processes_match_one(dist_runs):
     """--fsdp: parameters, gradients and AdamW's state sharded over 2 processes; the same weights
-    as one process on the same global batch, written whole in the Hugging Face layout."""
-    one, two = check_dist_run(dist_runs, (name, 1)), check_dist_run(dist_runs, (name, "fsdp"))
-    check_log(two, DIST_RUNS[name][1])
+    as one process on the same global batch (SFT steps, BASH's offline set built from a gathered
+    copy, BASH steps), written whole in the Hugging Face layout; evaluation ran at both phases."""
+    one, two = check_dist_run(dist_runs, ("bash", 1)), check_dist_run(dist_runs, ("bash", "fsdp"))
+    check_log(two, DIST_RUNS["bash"][1])
     w1, w2 = weights(one / "checkpoint"), weights(two / "checkpoint")
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
-    if name == "bash":  # evaluated under FSDP too
-        recs = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
-        assert sum("val_loss" in r for r in recs) == 2
+    recs = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+    assert sum("val_loss" in r for r in recs) == 2
 
 
 def test_fsdp_stop_and_resume_is_exact(dist_runs, files):
-    """Stopped after 3 of 8 steps, resumed under --fsdp (the gathered optimizer state sharded
-    again): the weights of the uninterrupted --fsdp run, and it loads in transformers."""
+    """Stopped after 5 of 8 steps (inside BASH's iteration), resumed under --fsdp (the gathered
+    optimizer state sharded again): the uninterrupted --fsdp run's weights, bit for bit; the
+    checkpoint loads in transformers."""
     out = check_dist_run(dist_runs, ("stop", "fsdp"))
-    assert torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)["step"] == 3
-    rc, _, err = finish(start(torchrun_cmd(fsdp_stop_args(files, out, "--resume"))), timeout=180)
+    assert torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)["step"] == 5
+    rc, _, err = finish(start(torchrun_cmd(fsdp_args(files, out, "--resume"))), timeout=180)
     assert rc == 0, err[-5000:]
-    whole = check_dist_run(dist_runs, ("sft", "fsdp"))
+    whole = check_dist_run(dist_runs, ("bash", "fsdp"))
     wa, wb = weights(whole / "checkpoint"), weights(out / "checkpoint")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs after stop and resume under --fsdp"
