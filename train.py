@@ -480,7 +480,7 @@ class Run:
     task: str
     rows: list
     eval_rows: list
-    raw: GPT  # the model itself; `model` may wrap it in DDP or torch.compile
+    raw: GPT  # the model itself (sharded in place by --fsdp); `model` may wrap it (DDP, compile)
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     out: Path
@@ -582,7 +582,7 @@ def decoder(r: Run) -> GPT:
     batches whose rows stop at different lengths: with shards they would wait on each other."""
     if not r.args.fsdp:
         return r.raw
-    full = get_model_state_dict(r.model, options=StateDictOptions(full_state_dict=True))
+    full = get_model_state_dict(r.raw, options=StateDictOptions(full_state_dict=True))
     if r.raw.device.type == "cuda" and r.args.precision != "fp32":  # as FSDP computes: bf16
         full = {k: v.to(torch.bfloat16) for k, v in full.items()}  # half the copy's memory
     with torch.device("meta"):
@@ -769,8 +769,8 @@ def checkpoint(r: Run, state: dict):
     weights, opt_state = r.raw.state_dict(), None
     if r.args.fsdp:  # a collective: every rank gathers, rank 0 receives
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(r.model, options=whole)
-        opt_state = get_optimizer_state_dict(r.model, r.opt, options=whole)
+        weights = get_model_state_dict(r.raw, options=whole)
+        opt_state = get_optimizer_state_dict(r.raw, r.opt, options=whole)
     if r.rank == 0:
         if not all(torch.isfinite(t).all() for t in weights.values()):  # never save NaN
             raise ValueError(f"step {state['step']}: the weights are not finite; the last "
@@ -800,8 +800,8 @@ def resume(r: Run) -> dict | None:
     try:
         weights = from_pretrained(ckpt, device=r.raw.device).state_dict()
         if r.args.fsdp:  # every rank reads the whole checkpoint and keeps its own shards
-            set_model_state_dict(r.model, weights, options=whole)
-            load_optimizer = functools.partial(set_optimizer_state_dict, r.model, r.opt,
+            set_model_state_dict(r.raw, weights, options=whole)
+            load_optimizer = functools.partial(set_optimizer_state_dict, r.raw, r.opt,
                                                options=whole)
         else:
             r.raw.load_state_dict(weights)

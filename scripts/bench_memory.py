@@ -235,11 +235,11 @@ def median_step(res):
     return statistics.median(res["step_s"][1:] or res["step_s"])
 
 
-def smollm2_table(base, all_configs):
+def smollm2_table(base, all_configs, precisions):
     print("\n1. SmolLM2-135M, 8 GSM-style rows per step (micro-batch 8), completion-only loss")
     print(f"{'precision':<10}{'implementation':<34}{'peak GB':>9}{'s/step':>9}"
           f"{'peak vs TRL':>13}{'speed vs TRL':>14}")
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         configs = [("TRL SFTTrainer", dict(kind="trl", ckpt=False)),
                    ("ours, loss on full logits (before)",
                     dict(kind="ours", ckpt=False, full_logits=True)),
@@ -299,13 +299,14 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--all", action="store_true", help="also TRL with gradient checkpointing")
+    p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     args = p.parse_args()
     if args.child:
         return child(json.loads(args.child))
     base = {"steps": args.steps, "threads": args.threads, "device": args.device}
     print(f"{os.cpu_count()} CPUs seen, {args.threads} threads, device {args.device}; "
           f"load average {os.getloadavg()[0]:.1f} at the start")
-    tables = (("smollm2", lambda b: smollm2_table(b, args.all)), ("vocab", vocab_table),
+    tables = (("smollm2", lambda b: smollm2_table(b, args.all, args.precisions)), ("vocab", vocab_table),
               ("decode", decode_table))
     for part, table in tables:
         if args.only in (None, part):
