@@ -87,11 +87,10 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=N
                          f"{model.config.block_size}")
     idx, pos, real, mask = left_pad(prompts, S, device)
     cols = torch.arange(S, device=device)
-    dtype = torch.bfloat16 if device.type == "cuda" else model.dtype
-    cache = KVCache(model.config, B, S, device, dtype)
     out = torch.zeros(B, steps, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     with autocast(device), packed_linears(model, B):
+        cache = KVCache(model.config, B, S, device, compute_dtype(model))
         h = model(idx, pos=pos[:, :P], cache=cache, cols=cols[:P], mask=mask, last_n=1, head=False)
         for t in range(steps):
             last = h[:, -1] if need_logits is None else h[need_logits(t), -1]
@@ -177,13 +176,19 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
     z = generate(model, prompts, max_new_tokens, temperature=temperature, eos_id=eos_id, seed=seed)
     # a label needs f(x,y) ++ z^<j in the window
     z = [zi[:block - len(f) + 1] for zi, f in zip(z, ref_prompts)]
-    device = model.device
+    device, cfg = model.device, model.config
     seqs = [f + zi[:-1] for f, zi in zip(ref_prompts, z)]
-    n = max(len(zi) for zi in z)
+    n, T = max(len(zi) for zi in z), max(len(s) for s in seqs)
     # left padding lines every row's z up at the right end: only the last n positions need the head
-    idx, pos, _, attn_mask = left_pad(seqs, max(len(s) for s in seqs), device)
-    with autocast(device), packed_linears(model, idx.numel()):
-        best = model(idx, pos=pos, mask=attn_mask, last_n=n).argmax(dim=-1).tolist()
+    idx, pos, _, attn_mask = left_pad(seqs, T, device)
+    # rows at a time, so that their fp32 logits (n positions each) and attention scores fit
+    step = max(1, BUILD_BYTES // (4 * (n * cfg.vocab_size + cfg.n_head * T * T)))
+    best = []
+    with autocast(device), packed_linears(model, min(step, len(seqs)) * T):
+        for k in range(0, len(seqs), step):
+            rows = slice(k, k + step)
+            best += model(idx[rows], pos=pos[rows], mask=attn_mask[rows],
+                          last_n=n).argmax(dim=-1).tolist()
     zbar = [b[n - len(zi):] for b, zi in zip(best, z)]
     # Eq. 7 trains only where the label differs from the sample: 1(z̄^j != z^j)
     differs = [[int(a != b) for a, b in zip(zb, zi)] for zb, zi in zip(zbar, z)]
@@ -273,6 +278,29 @@ def sample_command(args):
 # oneDNN's re-laid-out weights that runs 1.4-2x faster than with the plain layout (same results).
 
 
+# bytes that a chunk of RAC's labelling pass may take, and decode_rows' default budget for a
+# decode batch (train.py's --build-memory-gb sets that one)
+BUILD_BYTES = 1 << 30
+
+
+def decode_rows(cfg, prompt_len: int, columns: int, itemsize: int, budget: int = BUILD_BYTES):
+    """How many rows of a decode batch fit in `budget` bytes. Per row: the KV cache (keys and
+    values of `columns` columns in every layer, `itemsize` bytes each), the prefill's fp32
+    attention scores and MLP activations over `prompt_len` positions, and a step's fp32 logits
+    with sample()'s buffers (three of them)."""
+    cache = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * columns * itemsize
+    prefill = 4 * prompt_len * (cfg.n_head * columns + 2 * cfg.n_inner)
+    return max(1, budget // (cache + prefill + 3 * 4 * cfg.vocab_size))
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a forward computes in: autocast's where it is on (bf16 on CUDA, or under
+    --precision bf16), else the weights'. The KV cache is kept in it."""
+    if torch.is_autocast_enabled(model.device.type):
+        return torch.get_autocast_dtype(model.device.type)
+    return model.dtype
+
+
 def autocast(device, precision="auto"):
     """bf16 autocast on CUDA and plain fp32 elsewhere ("auto"), or the precision asked for: bf16
     halves a CPU training step where the CPU has bf16 instructions (avx512_bf16, AMX)."""
@@ -300,9 +328,14 @@ class PackedLinear(nn.Module):
 
 @contextlib.contextmanager
 def packed_linears(model: GPT, rows: int):
-    """Swap every Linear for a PackedLinear while decoding on a CPU in fp32; restore them after."""
-    cpu_fp32 = model.device.type == "cpu" and model.dtype == torch.float32
-    if not cpu_fp32 or not torch.backends.mkldnn.is_available():
+    """Swap every Linear for a PackedLinear while decoding on a CPU in fp32; restore them after.
+
+    Entered once around a whole build or evaluation, the weights are packed once: the contexts that
+    generate and rac_labels enter inside it find them packed and do nothing."""
+    cpu_fp32 = (model.device.type == "cpu" and model.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu"))  # under bf16 autocast: the plain path
+    packed = isinstance(model.lm_head, PackedLinear)  # an outer packed_linears wins
+    if packed or not cpu_fp32 or not torch.backends.mkldnn.is_available():
         yield
         return
     swapped = [(parent, name, child) for parent in model.modules()

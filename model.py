@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 from plumbing import check_fields, inside, is_int, json_object, open_safetensors, read_json
 
@@ -310,6 +311,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # --activation-checkpointing: keep each block's input only, recompute the block in backward
+        self.checkpointing = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
@@ -335,7 +338,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, pos=None, cache=None, cols=None, mask=None, last_n=None, noise_alpha=0.0,
-                head=True):
+                head=True, targets=None, scored=None):
         """idx (B, T) token ids -> logits (B, T, vocab), or (B, last_n, vocab) for the last
         positions only.
 
@@ -346,6 +349,8 @@ class GPT(nn.Module):
         training only.
         head=False: the final normalised hidden states (B, T or last_n, d) instead of logits, for a
         caller that needs the logits of some rows only and applies lm_head to those.
+        targets, scored (B, T): the loss instead of logits: -log p(target) in fp32 at each position
+        where scored != 0, flattened row by row (N,), from head_nll (no full logits are made).
         """
         B, T = idx.shape
         x = self.wte(idx)
@@ -362,13 +367,46 @@ class GPT(nn.Module):
             rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype),
                     self.rope_sin[pos].unsqueeze(1).to(x.dtype))
         x = self.drop(x)
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:
-            x = block(x, rope, mask, cache, cols)
+            if recompute:  # the RNG state is saved with the input, so dropout masks repeat exactly
+                x = checkpoint(block, x, rope, mask, cache, cols, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, cols)
         # decoding and labelling need a few positions: skip the head elsewhere
         if last_n is not None:
             x = x[:, -last_n:]
         x = self.ln_f(x)
+        if targets is not None:
+            # only the scored positions reach the head; exact, since each position's logits
+            # depend on its own hidden state alone
+            at = scored.flatten().nonzero().squeeze(1)
+            return head_nll(self.lm_head, x.flatten(0, 1)[at], targets.flatten()[at])
         return self.lm_head(x) if head else x
+
+
+# fp32 logits alive at once in head_nll (256 MiB): 1,365 positions of SmolLM2's 49,152-way head
+LOGIT_BYTES = 1 << 28
+
+
+def head_nll(head, hidden, targets, chunk=None):
+    """-log p(target) in fp32 for each row of hidden (N, d) under `head` (d -> vocab).
+
+    The technique of Liger Kernel's fused linear cross-entropy, in plain PyTorch: the logits of
+    `chunk` rows at a time (default: LOGIT_BYTES of fp32 logits) are made, reduced to the chunk's
+    losses and dropped; backward recomputes them chunk by chunk (checkpoint), so the logits of the
+    whole micro-batch never exist, forward or backward. The cost: the head's matmul runs once more.
+    """
+    chunk = chunk or max(1, LOGIT_BYTES // (4 * head.weight.shape[0]))
+    train = torch.is_grad_enabled()
+    parts = [checkpoint(chunk_nll, head, h, t, use_reentrant=False) if train
+             else chunk_nll(head, h, t)
+             for h, t in zip(hidden.split(chunk), targets.split(chunk))]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def chunk_nll(head, hidden, targets):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def token_nll(logits, targets):
@@ -378,7 +416,8 @@ def token_nll(logits, targets):
 
 
 def masked_nll(logits, targets, mask, denom=None):
-    """Token-level negative log-likelihood over the positions where mask is 1.
+    """Token-level negative log-likelihood over the positions where mask is 1, from full logits:
+    the plain form that training's chunked loss (GPT.forward with targets) is tested against.
 
     Reduced as sum(loss * mask) / max(sum(mask), 1), so an all-zero mask gives 0, not NaN.
     `denom` overrides the count: under gradient accumulation pass the token count of the whole
@@ -809,16 +848,17 @@ def from_pretrained(path, dtype=torch.float32, device="cpu") -> "GPT":
     return model.to(device)
 
 
-def save_pretrained(model: GPT, path, extra_config: dict | None = None):
+def save_pretrained(model: GPT, path, extra_config: dict | None = None, state: dict | None = None):
     """Write config.json + model.safetensors that transformers loads unchanged.
 
     Each file goes to a temporary name first and is renamed, so an interrupted save never leaves
     a half-written checkpoint behind. extra_config: our own fields (e.g. the tokenizer name).
+    state: the weights to write, when not model.state_dict() (a sharded model's, gathered whole).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    ours = dict(model.state_dict())
+    ours = dict(model.state_dict() if state is None else state)
     tensors = {}
     for name, parts, kind in hf_layout(cfg):
         for (hf_name, _), piece in zip(parts, to_hf(ours[name].detach(), parts, kind, cfg)):

@@ -194,10 +194,12 @@ def tokenizer_files(folder) -> list[Path]:
     return [f for f in paths if f.exists()]
 
 
-def save_checkpoint(write_model, opt, state, out: Path, tokenizer_dir, run_info=None):
+def save_checkpoint(write_model, opt, state, out: Path, tokenizer_dir, run_info=None,
+                    opt_state=None):
     """Write out/checkpoint.tmp completely, then swap it in: at every moment a whole checkpoint
     exists at out/checkpoint or out/checkpoint.old. write_model(folder) writes the model's files;
-    run_info: run.json, what --resume checks."""
+    run_info: run.json, what --resume checks; opt_state: the optimizer's state when it is not
+    opt.state_dict() (a sharded run's, gathered whole)."""
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     write_model(tmp)
@@ -205,7 +207,8 @@ def save_checkpoint(write_model, opt, state, out: Path, tokenizer_dir, run_info=
         shutil.copy(f, tmp / f.name)
     if run_info is not None:
         (tmp / "run.json").write_text(json.dumps(run_info, indent=1))
-    torch.save({**state, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+    opt_state = opt.state_dict() if opt_state is None else opt_state
+    torch.save({**state, "optimizer": opt_state, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / "train_state.pt")
     if final.exists():
@@ -223,14 +226,16 @@ def find_checkpoint(out: Path):
                             "(looked for checkpoint/ and checkpoint.old/)")
 
 
-def load_train_state(ckpt: Path, opt, record) -> dict:
+def load_train_state(ckpt: Path, opt, record, load_optimizer=None) -> dict:
     """Restore the optimizer and every random state saved in ckpt; return the saved training
-    state (step, iteration, offline set of `record`s, its statistics)."""
+    state (step, iteration, offline set of `record`s, its statistics). load_optimizer(state):
+    how the optimizer takes its saved state, when not opt.load_state_dict (a sharded run's).
+    The file is memory-mapped: processes on one machine share its pages."""
     try:
-        saved = torch.load(ckpt / "train_state.pt", weights_only=True)
+        saved = torch.load(ckpt / "train_state.pt", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
         raise ValueError(f"{ckpt / 'train_state.pt'}: unreadable ({e})") from None
-    opt.load_state_dict(saved["optimizer"])
+    (load_optimizer or opt.load_state_dict)(saved["optimizer"])
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"]:
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
@@ -259,7 +264,8 @@ RUN_ENTRIES = ("checkpoint", "checkpoint.old", "log.jsonl")  # any of these: the
 # compared on --resume (the model, tokenizer and data are compared by content instead of path).
 NOT_COMPARED = {"out", "device", "eval_every", "save_every", "stop_after", "resume", "overwrite",
                 "resume_with_new_settings", "build_batch_size", "eval_data", "eval_max_new_tokens",
-                "init", "data"}
+                "init", "data", "activation_checkpointing",
+                "build_memory_gb"}
 
 
 def run_settings(args, tok, model_config: dict) -> dict:

@@ -30,13 +30,17 @@ from typing import Callable, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
                   encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
-from generate import autocast, bash_mix, generate, packed_linears, rac_labels
-from model import (GPT, checked_config, config_to_hf, from_pretrained, masked_nll, save_pretrained,
-                   token_nll)
+from generate import autocast, bash_mix, decode_rows, generate, packed_linears, rac_labels
+from model import GPT, checked_config, config_to_hf, from_pretrained, save_pretrained
 from plumbing import (EXPECTED, claim_out, device_name, error_line, find_checkpoint, finite,
                       forget_replaced, fraction, load_train_state, log, non_negative_float,
                       non_negative_int, positive_float, positive_int, release_out, run_settings,
@@ -118,25 +122,28 @@ def train_step(r: Run, step: int, idx: list[int], offline, method: str):
     read, lr)."""
     m, mine = METHODS[method], idx[r.rank::r.world]
     if m.online:  # SCS, Eq. 3: the offline rows rebuilt with the current weights at every step
-        offline = dict(zip(mine, m.build(r, r.raw, [r.rows[i] for i in mine], step)))
+        offline = dict(zip(mine, m.build(r, decoder(r), [r.rows[i] for i in mine], step)))
     lr = lr_at(step, r.total, r.args)
     for group in r.opt.param_groups:
         group["lr"] = lr
     parts = (pair_parts if m.pairs else sft_parts)(r, idx, mine, offline, m)
     sums = torch.zeros(len(m.logged) + 1, device=r.raw.device)  # the logged terms, tokens read
     for j, part in enumerate(parts):
-        with r.model.no_sync() if r.world > 1 and j < len(parts) - 1 else nullcontext():
+        # DDP: reduce once, at the last micro-batch; FSDP reduce-scatters each (no full gradient)
+        ddp_accumulates = r.world > 1 and not r.args.fsdp and j < len(parts) - 1
+        with r.model.no_sync() if ddp_accumulates else nullcontext():
             loss, logged, tokens = part()
-            # DDP averages gradients over ranks; our loss is a global-batch sum: undo the average
+            # DDP and FSDP average gradients over ranks; our loss is a global-batch sum: undo that
             (loss * r.world).backward()
         sums += torch.cat([logged, logged.new_tensor([tokens])])
     if r.world > 1:
         dist.all_reduce(sums)
     params = list(r.raw.parameters())
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if not torch.isfinite(torch.cat([sums[:-1], norm[None]])).all():  # never step on NaN or inf
+    whole = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: over all shards
+    if not torch.isfinite(torch.cat([sums[:-1], whole[None]])).all():  # never step on NaN or inf
         terms = ", ".join(f"{n} {v:.4g}" for n, v in zip(m.logged, sums.tolist()))
-        raise ValueError(f"step {step + 1}: the loss ({terms}) or the gradient norm ({norm:.4g}) "
+        raise ValueError(f"step {step + 1}: the loss ({terms}) or the gradient norm ({whole:.4g}) "
                          "is not finite; stopped before the update, the last checkpoint is kept "
                          "(lower --lr, or check the data)")
     if r.args.grad_clip > 0:
@@ -191,12 +198,12 @@ def step_loss(model, sft, method, denom, noise_alpha, device, precision="auto"):
     x, y, mask = collate([r.prompt for r in items], [r.inputs for r in items],
                          [r.targets for r in items], pad_id=0, masks=[r.mask for r in items],
                          device=device)
-    with autocast(device, precision):
-        logits = model(x, noise_alpha=noise_alpha)
-    n = len(sft)
-    j_sft = masked_nll(logits[:n], y[:n], mask[:n], denom=denom)  # Eq. 1
-    j_method = (masked_nll(logits[n:], y[n:], mask[n:], denom=denom) if method  # Eq. 5 / Eq. 7
-                else logits.new_zeros(()))
+    with autocast(device, precision):  # -log p at the scored positions only, row by row
+        nll = model(x, noise_alpha=noise_alpha, targets=y, scored=mask)
+    weight = mask[mask != 0]
+    k = int((mask[:len(sft)] != 0).sum())  # the SFT rows come first
+    j_sft = (nll[:k] * weight[:k]).sum() / denom  # Eq. 1
+    j_method = (nll[k:] * weight[k:]).sum() / denom  # Eq. 5 (BASH) / Eq. 7 (RAC): zero if none
     return torch.stack([j_sft, j_method]), sum(len(r.prompt) + len(r.inputs) - 1 for r in items)
 
 
@@ -244,14 +251,16 @@ def rac_rows(model, rows, max_new_tokens, temperature, seed, eos_id) -> list[Tra
     return [TrainRow(r.prompt, zi, zb, c) for r, zi, zb, c in zip(rows, z, zbar, corrected)]
 
 
-def build_offline(model, rows, build, batch_size, seed, rank, world) -> list:
+def build_offline(model, rows, build, batch_size, seed, rank, world, precision="auto") -> list:
     """Algorithms 1-2, line 8: the offline set with the current weights, one row per row.
     build(model, rows, seed) makes one decode batch. Whole batches are dealt to the ranks
-    round-robin and each is seeded by its own number, so the set does not depend on the ranks."""
+    round-robin and each is seeded by its own number, so the set does not depend on the ranks.
+    Decoding runs in the training's precision (bf16: the KV cache in bf16 too)."""
     model.eval()
     starts = list(range(0, len(rows), batch_size))
     out = {}
-    with packed_linears(model, batch_size):  # pack the weights once for every batch
+    # pack the weights once for every batch
+    with autocast(model.device, precision), packed_linears(model, batch_size):
         for k in tqdm(starts[rank::world], desc="build", disable=rank != 0, leave=False):
             made = build(model, rows[k:k + batch_size], seed_for(seed, "batch", k // batch_size))
             out.update(zip(range(k, k + len(made)), made))
@@ -289,13 +298,28 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
     if m.build is None or m.online:
         state.update(iteration=iteration, offline=None, stats={})
         return
-    offline = build_offline(r.raw, r.rows, functools.partial(m.build, r), r.args.build_batch_size,
-                            seed_for(r.args.seed, "offline", iteration), r.rank, r.world)
+    new = max(max(len(x.response) for x in r.rows), r.rac_max_new_tokens, r.spin_max_new_tokens)
+    batch = fitting_batch(r.raw, r.rows, r.args.build_batch_size, new, r.args.precision,
+                          r.args.build_memory_gb)
+    offline = build_offline(decoder(r), r.rows, functools.partial(m.build, r), batch,
+                            seed_for(r.args.seed, "offline", iteration), r.rank, r.world,
+                            r.args.precision)
     state.update(iteration=iteration, offline=offline, stats=offline_stats(offline))
     report["build_s"] += time.perf_counter() - t0
     if r.rank == 0:
         log(r.out, {"step": state["step"], "iteration": iteration + 1,
                     "build_s": round(time.perf_counter() - t0, 3), **state["stats"]})
+
+
+def fitting_batch(model, rows, batch_size, new_tokens, precision, gb) -> int:
+    """Rows per decode batch: batch_size, or fewer where their KV cache (the longest prompt +
+    new_tokens columns, in the compute dtype), prefill and logits would pass `gb` GB
+    (--build-memory-gb; generate.decode_rows). It depends on the model, the rows and the flags,
+    not on the machine."""
+    P = max(len(x.prompt) for x in rows)
+    bf16 = precision == "bf16" or (precision == "auto" and model.device.type == "cuda")
+    itemsize = 2 if bf16 else model.dtype.itemsize
+    return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize, int(gb * 1e9)))
 
 
 def build_bash(r: Run, model, rows, seed):
@@ -314,8 +338,9 @@ def build_scs(r: Run, model, rows, step):
     """SCS (Eq. 3-4): BASH's mixing of this step's rows with the current weights, without
     dropout, seeded by the step."""
     model.eval()
-    made = bash_rows(model, rows, r.args.beta, r.args.mix_temperature,
-                     seed_for(r.args.seed, "scs", step))
+    with autocast(model.device, r.args.precision):
+        made = bash_rows(model, rows, r.args.beta, r.args.mix_temperature,
+                         seed_for(r.args.seed, "scs", step))
     r.model.train()
     return made
 
@@ -381,9 +406,10 @@ def sequence_logps(model, prompts, responses, device, precision="auto"):
     (n,) log-probs and the number of tokens read."""
     x, y, mask = collate(prompts, responses, responses, pad_id=0, device=device)
     with autocast(device, precision):
-        logits = model(x)
+        nll = model(x, targets=y, scored=mask)  # the response positions, row by row
     tokens = sum(len(p) + len(r) - 1 for p, r in zip(prompts, responses))
-    return -(token_nll(logits, y) * mask).sum(1), tokens
+    rows = mask.nonzero()[:, 0]
+    return -nll.new_zeros(len(prompts)).index_add(0, rows, nll), tokens
 
 
 def dpo_loss(policy, ref, beta):
@@ -454,7 +480,7 @@ class Run:
     task: str
     rows: list
     eval_rows: list
-    raw: GPT  # the model itself; `model` may wrap it in DDP or torch.compile
+    raw: GPT  # the model itself (sharded in place by --fsdp); `model` may wrap it (DDP, compile)
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     out: Path
@@ -477,6 +503,7 @@ def start(args) -> Run:
     torch.manual_seed(seed_for(args.seed, "torch"))  # dropout and NEFTune noise
     tok = make_tokenizer(args)
     raw = make_model(args, tok, device)
+    raw.checkpointing = args.activation_checkpointing  # same gradients, less memory (README)
     max_len = args.max_len or raw.config.block_size
     check_model(args, tok, raw, max_len)
     rows, task = load_rows(args.data, tok, args.task, max_len, args.overflow,
@@ -486,8 +513,13 @@ def start(args) -> Run:
                           False)[0] if args.eval_data else []
     cap = new_token_cap(rows, max_len)  # RAC's and SPIN's default cap on z
     per_epoch = check_plan(args, len(rows), world)
+    if args.fsdp and world == 1:
+        raise ValueError("--fsdp shards over torchrun's processes: run it under torchrun "
+                         "--nproc_per_node=N (N > 1)")
     model = raw
-    if world > 1:
+    if args.fsdp:
+        shard(raw, device, args.precision)  # raw itself becomes the sharded module
+    elif world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
     if args.compile:
@@ -529,6 +561,39 @@ def setup_distributed(device):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+def shard(model: GPT, device, precision):
+    """--fsdp (FSDP2): each block, then the root (embeddings, final norm, head), sharded over the
+    processes, so parameters, gradients and AdamW's moments each take 1/world per rank; a block's
+    weights are gathered for its forward and backward only. On CUDA the forward and backward
+    compute in bf16 from fp32 master weights, and gradients are reduced in fp32."""
+    bf16 = device.type == "cuda" and precision != "fp32"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32)
+    for block in model.h:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def decoder(r: Run) -> GPT:
+    """The model that decodes (offline sets, SCS, evaluation): the model itself, or under --fsdp a
+    full copy gathered on every rank. A sharded forward is a collective, and ranks decode different
+    batches whose rows stop at different lengths: with shards they would wait on each other."""
+    if not r.args.fsdp:
+        return r.raw
+    full = get_model_state_dict(r.raw, options=StateDictOptions(full_state_dict=True))
+    if r.raw.device.type == "cuda" and r.args.precision != "fp32":  # as FSDP computes: bf16
+        full = {k: v.to(torch.bfloat16) for k, v in full.items()}  # half the copy's memory
+    with torch.device("meta"):
+        copy = GPT(r.raw.config)
+    copy.load_state_dict(full, assign=True)
+    for name, buf in r.raw.named_buffers():  # the rotary tables: not sharded, not in the dict
+        owner, _, leaf = name.rpartition(".")
+        copy.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
+    if copy.config.tie_embeddings:
+        copy.lm_head.weight = copy.wte.weight
+    return copy.train(r.raw.training)
 
 
 def from_rank0(value, world):
@@ -638,8 +703,10 @@ def check_plan(args, n_rows, world) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None):
-    """Validation loss (SFT, token-weighted), exact match of final answers, ROUGE for summaries."""
+def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None,
+             precision="auto"):
+    """Validation loss (SFT, token-weighted, fp32), exact match of final answers, ROUGE for
+    summaries; answers decoded in `precision`."""
     model.eval()
     total, count = 0.0, 0
     for k in range(0, len(rows), micro_batch):
@@ -649,7 +716,8 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
         count += sum(len(r.targets) for r in sft)
     out = {"val_loss": total / max(count, 1)}
     if any(r.answer is not None for r in rows) or task == "summarize":
-        texts = generate_answers(model, rows, tok, gen_batch, max_new_tokens)
+        texts = generate_answers(model, rows, tok, gen_batch, max_new_tokens,
+                                 precision=precision)
         scored = [(t, r) for t, r in zip(texts, rows) if r.answer is not None]
         if scored:
             out["accuracy"] = sum(extract_answer(t) == r.answer for t, r in scored) / len(scored)
@@ -662,14 +730,15 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
     return out
 
 
-def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperature=0.0, seed=0):
+def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperature=0.0, seed=0,
+                     precision="auto"):
     """Answers to every row's prompt, as text: greedy, or sampled at `temperature` (batch k seeded
-    by seed_for(seed, "answers", k))."""
+    by seed_for(seed, "answers", k)); decoded in `precision` with the weights packed once."""
     block = model.config.block_size
     max_new = (min(max_new_tokens, block - max(len(r.prompt) for r in rows)) if max_new_tokens
                else new_token_cap(rows, block))
     texts = []
-    with packed_linears(model, batch_size):
+    with autocast(model.device, precision), packed_linears(model, batch_size):
         for k in range(0, len(rows), batch_size):
             chunk = rows[k:k + batch_size]
             gen = generate(model, [r.prompt for r in chunk], max_new, temperature,
@@ -681,18 +750,29 @@ def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperat
 def evaluate_run(r: Run, state: dict, tag: str) -> dict:
     """Evaluate on rank 0 and log it; every rank returns rank 0's result."""
     res = {}
+    model = decoder(r) if r.eval_rows else None  # --fsdp: every rank takes part in the gather
     if r.eval_rows and r.rank == 0:
         a = r.args
-        res = evaluate(r.raw, r.eval_rows, r.tok, r.task, a.micro_batch_size,
-                       a.build_batch_size, a.eval_max_new_tokens)
+        new = a.eval_max_new_tokens or new_token_cap(r.eval_rows, r.raw.config.block_size)
+        batch = fitting_batch(r.raw, r.eval_rows, a.build_batch_size, new, a.precision,
+                              a.build_memory_gb)
+        res = evaluate(model, r.eval_rows, r.tok, r.task, a.micro_batch_size, batch,
+                       a.eval_max_new_tokens, a.precision)
         log(r.out, {"step": state["step"], "phase": tag, **res})
     return from_rank0(res, r.world)
 
 
 def checkpoint(r: Run, state: dict):
-    """Save the model, the optimizer and the run's state on rank 0 (plumbing.save_checkpoint)."""
+    """Save the model, the optimizer and the run's state on rank 0 (plumbing.save_checkpoint).
+    --fsdp: the weights and the optimizer state gathered whole onto rank 0's CPU first, so the
+    checkpoint is the same Hugging Face layout, and --resume shards it again."""
+    weights, opt_state = r.raw.state_dict(), None
+    if r.args.fsdp:  # a collective: every rank gathers, rank 0 receives
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(r.raw, options=whole)
+        opt_state = get_optimizer_state_dict(r.raw, r.opt, options=whole)
     if r.rank == 0:
-        if not all(torch.isfinite(p).all() for p in r.raw.parameters()):  # never save NaN
+        if not all(torch.isfinite(t).all() for t in weights.values()):  # never save NaN
             raise ValueError(f"step {state['step']}: the weights are not finite; the last "
                              "checkpoint is kept (lower --lr)")
         saved = {**state, "offline": state["offline"] and [tuple(o) for o in state["offline"]]}
@@ -701,8 +781,9 @@ def checkpoint(r: Run, state: dict):
         log_file = r.out / "log.jsonl"
         info = {"settings": r.settings, "log_bytes": log_file.stat().st_size
                 if log_file.exists() else 0}  # where --resume cuts the log back to
-        save_checkpoint(lambda folder: save_pretrained(r.raw, folder, extra), r.opt, saved, r.out,
-                        None if r.args.init == "scratch" else r.args.init, info)
+        save_checkpoint(lambda folder: save_pretrained(r.raw, folder, extra, weights), r.opt,
+                        saved, r.out, None if r.args.init == "scratch" else r.args.init, info,
+                        opt_state)
     if r.world > 1:
         dist.barrier()
 
@@ -715,12 +796,20 @@ def resume(r: Run) -> dict | None:
         ckpt = find_checkpoint(r.out)
     except FileNotFoundError:
         return None
+    whole, load_optimizer = StateDictOptions(full_state_dict=True), None
     try:
-        r.raw.load_state_dict(from_pretrained(ckpt, device=r.raw.device).state_dict())
+        weights = from_pretrained(ckpt, device=r.raw.device).state_dict()
+        if r.args.fsdp:  # every rank reads the whole checkpoint and keeps its own shards
+            set_model_state_dict(r.raw, weights, options=whole)
+            load_optimizer = functools.partial(set_optimizer_state_dict, r.raw, r.opt,
+                                               options=whole)
+        else:
+            r.raw.load_state_dict(weights)
     except RuntimeError:  # sizes differ: --resume-with-new-settings cannot change the model
         raise ValueError(f"{ckpt}: its weights do not fit this run's model (resume with the "
                          "model flags it was saved with)") from None
-    return load_train_state(ckpt, r.opt, PairRow if METHODS[r.args.method].pairs else TrainRow)
+    return load_train_state(ckpt, r.opt, PairRow if METHODS[r.args.method].pairs else TrainRow,
+                            load_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -783,6 +872,9 @@ def get_args(argv=None):
                    help="SPIN: cap on z (default: longest reference + 16)")
     g.add_argument("--build-batch-size", type=positive_int, default=256,
                    help="rows per decode batch when building offline sets")
+    g.add_argument("--build-memory-gb", type=positive_float, default=1.0,
+                   help="most memory a decode batch may take (KV cache, prefill, logits): fewer "
+                        "rows than --build-batch-size where they would not fit")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=positive_int, default=64,
@@ -801,6 +893,10 @@ def get_args(argv=None):
                    help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep each block's input only and recompute the block in backward")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="training forwards: auto = bf16 on CUDA, fp32 on a CPU")
     g.add_argument("--device", type=device_name,

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from generate import PackedLinear, decode, generate, sample
-from model import from_pretrained
+import generate as generate_module
+from generate import PackedLinear, autocast, decode, decode_rows, generate, packed_linears, sample
+from model import KVCache, from_pretrained
 
 FAMILIES = ["gpt2", "llama_gqa", "llama_tied"]
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [100, 3, 17, 8, 2]]   # different lengths
@@ -242,3 +243,57 @@ def test_packed_linears_restored_when_decoding_fails(hf_checkpoint):
         decode(model, PROMPTS, 3, pick)
     after = linears(model)
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+def test_outer_packed_linears_wins(hf_checkpoint):
+    """Inside one packed_linears (a build, an evaluation) generate packs nothing again: the layers
+    it decodes with are the outer context's, and they are still in place after it returns."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN: nothing is packed")
+    model = load(hf_checkpoint, "llama_gqa")
+    seen = []
+
+    def pick(t, logits):
+        seen.append(model.lm_head)
+        return logits.argmax(-1), torch.zeros(len(logits), dtype=torch.bool)
+
+    with packed_linears(model, 4):
+        outer = model.lm_head
+        assert isinstance(outer, PackedLinear)
+        decode(model, PROMPTS, 3, pick)
+        assert seen and all(m is outer for m in seen) and model.lm_head is outer
+        alone = generate(model, PROMPTS, NEW)
+    assert type(model.lm_head) is nn.Linear
+    assert alone == generate(model, PROMPTS, NEW)
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. decoding sized by memory: the cache in the compute dtype, a batch that fits the budget
+
+
+def test_kv_cache_in_the_compute_dtype(hf_checkpoint, monkeypatch):
+    model = load(hf_checkpoint, "llama_gqa")
+    made = []
+
+    class Spy(KVCache):
+        def __init__(self, *a):
+            super().__init__(*a)
+            made.append(self.k.dtype)
+
+    monkeypatch.setattr(generate_module, "KVCache", Spy)
+    generate(model, PROMPTS, NEW)
+    with autocast(model.device, "bf16"):
+        bf16 = generate(model, PROMPTS, NEW)
+    assert made == [torch.float32, torch.bfloat16]
+    assert all(len(r) == NEW for r in bf16)
+
+
+def test_decode_rows_fit_the_budget(hf_checkpoint):
+    cfg = load(hf_checkpoint, "llama_gqa").config
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = KVCache(cfg, 1, 50, "cpu", dtype)
+        per_row = cache.k.nbytes + cache.v.nbytes + 3 * 4 * cfg.vocab_size  # prompt_len 0
+        assert decode_rows(cfg, 0, 50, dtype.itemsize, budget=10 * per_row) == 10
+        assert decode_rows(cfg, 0, 50, dtype.itemsize, budget=10 * per_row - 1) == 9
+    assert decode_rows(cfg, 10, 50, 4, budget=1) == 1  # at least one row, whatever the budget
+    assert decode_rows(cfg, 10, 50, 4) < decode_rows(cfg, 0, 50, 4)

@@ -254,6 +254,76 @@ def test_masked_nll_denom_divides_by_given_count():
     assert not torch.isclose(masked_nll(logits, targets, mask, denom=10), masked_nll(logits, targets, mask))
 
 
+def grads_of(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch,tied", [("gpt2", True), ("llama", False)])
+def test_chunked_loss_equals_masked_nll_on_full_logits(arch, tied, monkeypatch):
+    """The loss through head_nll (the scored positions only, logits in chunks of 4 positions,
+    recomputed in backward) equals masked_nll on the full logits: value and every gradient."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(arch=arch, vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16,
+                          tie_embeddings=tied))
+    x, y = tokens(97, (3, 11), seed=1), tokens(97, (3, 11), seed=2)
+    mask = (torch.rand(3, 11, generator=torch.Generator().manual_seed(3)) < 0.6).float()
+    mask[0, 4] = 0.5  # a weight other than 0/1 is carried too
+    full = masked_nll(model(x), y, mask, denom=7.0)
+    ref = grads_of(model, full)
+
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    nll = model(x, targets=y, scored=mask)
+    n = int((mask != 0).sum())
+    assert nll.shape == (n,) and nll.dtype == torch.float32
+    loss = (nll * mask[mask != 0]).sum() / 7.0
+    torch.testing.assert_close(loss, full, rtol=0, atol=1e-6)
+    chunk = 4
+    rows.clear()
+    monkeypatch.setattr("model.LOGIT_BYTES", 4 * 97 * chunk)
+    nll = model(x, targets=y, scored=mask)
+    loss = (nll * mask[mask != 0]).sum() / 7.0
+    ours = grads_of(model, loss)
+    torch.testing.assert_close(loss, full, rtol=0, atol=1e-6)
+    # the head never saw more than a chunk of positions, in forward or in backward's recompute
+    assert max(rows) == chunk and len(rows) == 2 * -(-n // chunk)
+    for k in ref:
+        assert ref[k].abs().max() > 0, k
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """model.checkpointing (--activation-checkpointing) recomputes every block in backward; with
+    dropout on, the saved RNG state replays the same masks, so the gradients are the same."""
+    model = GPT(GPTConfig(arch="llama", vocab_size=31, block_size=16, n_layer=3, n_head=2,
+                          n_embd=16, dropout=0.2)).train()
+    x, y = tokens(31, (2, 9), seed=4), tokens(31, (2, 9), seed=5)
+    calls = []
+    for block in model.h:
+        block.register_forward_pre_hook(lambda m, i: calls.append(1))
+    grads = {}
+    for on in (False, True):
+        model.checkpointing = on
+        calls.clear()
+        torch.manual_seed(7)
+        grads[on] = grads_of(model, model(x, targets=y, scored=torch.ones(2, 9)).sum())
+        assert len(calls) == (2 if on else 1) * 3  # each block ran again in backward
+    for k in grads[False]:
+        torch.testing.assert_close(grads[True][k], grads[False][k], rtol=0, atol=1e-6)
+    torch.manual_seed(8)  # the check is sharp: other dropout masks give other gradients
+    other = grads_of(model, model(x, targets=y, scored=torch.ones(2, 9)).sum())
+    assert not torch.allclose(other["h.0.attn.c_attn.weight"], grads[False]["h.0.attn.c_attn.weight"])
+
+
+def test_chunked_loss_with_nothing_scored_is_empty():
+    model = GPT(GPTConfig(arch="llama", vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    x = tokens(13, (2, 5))
+    nll = model(x, targets=x, scored=torch.zeros(2, 5))
+    assert nll.shape == (0,) and nll.sum().item() == 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # 10. GPT-2 exports without the "transformer." prefix
 

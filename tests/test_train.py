@@ -103,19 +103,28 @@ def finish(proc, timeout=120):
 # 1. Prompt and padding positions never reach the loss
 
 
-class LogitSpy(torch.nn.Module):
-    """Wraps a GPT so the test can read d(loss)/d(logits) after step_loss's backward."""
+class HiddenSpy(torch.nn.Module):
+    """Wraps a GPT so the test can read d(loss)/d(final hidden states) after step_loss's backward.
+    A position's logits depend on its own final hidden state alone, so a position whose hidden
+    state gets no gradient got none through its logits either."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.logits = None
+        self.hidden, self.logits_dtype = None, None
+        model.ln_f.register_forward_hook(self.keep)
+        model.lm_head.register_forward_hook(self.head)
 
-    def forward(self, x, noise_alpha=0.0):
-        logits = self.model(x, noise_alpha=noise_alpha)
-        logits.retain_grad()
-        self.logits = logits
-        return logits
+    def keep(self, module, inputs, out):
+        if out.requires_grad:
+            out.retain_grad()
+        self.hidden = out
+
+    def head(self, module, inputs, out):
+        self.logits_dtype = out.dtype
+
+    def forward(self, x, **kw):
+        return self.model(x, **kw)
 
 
 def spy_collate(monkeypatch, new_pad=None, scramble_masked_targets=False, seed=0):
@@ -144,7 +153,7 @@ def two_rows():
 
 def test_prompt_and_padding_get_no_gradient(monkeypatch):
     rows = two_rows()
-    model = LogitSpy(tiny_gpt())
+    model = HiddenSpy(tiny_gpt())
     seen = spy_collate(monkeypatch)
     sft, aux = train.loss_rows(rows, [0, 1], None)
     assert aux == []
@@ -159,7 +168,7 @@ def test_prompt_and_padding_get_no_gradient(monkeypatch):
         expected[i, len(r.prompt) - 1:len(r.prompt) - 1 + len(r.response)] = 1
     assert torch.equal(seen["mask"], expected)
     assert n_tok == (3 + 12 - 1) + (8 + 2 - 1)  # every token the forward reads, prompts included
-    grad = model.logits.grad
+    grad = model.hidden.grad
     assert grad is not None and grad.shape[:2] == (2, 14)
     masked = seen["mask"] == 0
     assert masked[1, -5:].all() and masked[0, :2].all()  # there is padding and there are prompt positions
@@ -203,7 +212,7 @@ def test_rac_unmasked_positions_get_no_gradient(monkeypatch):
     rows = two_rows()
     offline = {0: train.TrainRow(rows[0].prompt, [10, 9, 12, 8, 14], [10, 11, 12, 13, 14], [0, 1, 0, 1, 0]),
                1: train.TrainRow(rows[1].prompt, [40, 63], [40, 63], [0, 0])}
-    model = LogitSpy(tiny_gpt())
+    model = HiddenSpy(tiny_gpt())
     seen = spy_collate(monkeypatch)
     sft, aux = train.loss_rows(rows, [0, 1], offline)
     assert len(aux) == 1  # the row with no correction adds nothing
@@ -211,12 +220,12 @@ def test_rac_unmasked_positions_get_no_gradient(monkeypatch):
     assert denom == 14
     terms, _ = train.step_loss(model, sft, aux, denom, 0.0, CPU)
     terms[1].backward()
-    g = model.logits.grad[2]  # the RAC row comes after the two SFT rows
+    g = model.hidden.grad[2]  # the RAC row comes after the two SFT rows
     scored = seen["mask"][2] == 1
     assert scored.nonzero().flatten().tolist() == [len(rows[0].prompt) - 1 + 1, len(rows[0].prompt) - 1 + 3]
     assert torch.count_nonzero(g[~scored]) == 0
     assert (g[scored].abs().sum(-1) > 0).all()
-    assert torch.count_nonzero(model.logits.grad[:2]) == 0  # terms[1] alone never touches the SFT rows
+    assert torch.count_nonzero(model.hidden.grad[:2]) == 0  # terms[1] alone never touches the SFT rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,27 +289,29 @@ def test_token_weighted_accumulation_matches_one_batch(method, term):
 
 
 def test_micro_batch_size_does_not_change_training(files, tmp_path):
-    """The loop itself: 8 rows per step in 1 micro-batch or in 4 gives the same weights."""
+    """The loop itself: 8 rows per step in 1 micro-batch or in 4 gives the same weights, and so
+    does --activation-checkpointing (each block recomputed in backward)."""
     outs = []
-    for micro in (8, 2):
-        out = tmp_path / f"mb{micro}"
+    for micro, extra in ((8, []), (2, []), (2, ["--activation-checkpointing"])):
+        out = tmp_path / f"mb{micro}{len(extra)}"
         train.main(tiny_args(files, out, "--method", "bash", "--sft-epochs", "1", "--iter-epochs", "1",
-                             "--build-batch-size", "64", batch=8, micro=micro))
+                             "--build-batch-size", "64", *extra, batch=8, micro=micro))
         outs.append(weights(out / "checkpoint"))
     for k in outs[0]:
         torch.testing.assert_close(outs[1][k], outs[0][k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(outs[2][k], outs[1][k], rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
 def test_bf16_precision_on_cpu_runs_the_training_forward_in_bf16(files, tmp_path):
     """--precision bf16: the logits come from bf16 matmuls, close to fp32's but not equal, and
     the flag reaches the training loop; auto on a CPU is exactly fp32."""
-    rows, model = two_rows(), LogitSpy(tiny_gpt())
+    rows, model = two_rows(), HiddenSpy(tiny_gpt())
     sft, aux = train.loss_rows(rows, [0, 1], None)
     denom = train.sft_tokens(rows, [0, 1])
     terms = {}
     for precision in ("fp32", "auto", "bf16"):
         terms[precision], _ = train.step_loss(model, sft, aux, denom, 0.0, CPU, precision)
-        assert model.logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        assert model.logits_dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
     assert torch.equal(terms["auto"], terms["fp32"])
     assert not torch.equal(terms["bf16"], terms["fp32"])
     torch.testing.assert_close(terms["bf16"], terms["fp32"], rtol=2e-2, atol=2e-2)
@@ -316,6 +327,20 @@ def test_bf16_precision_on_cpu_runs_the_training_forward_in_bf16(files, tmp_path
 
 # ----------------------------------------------------------------------------------------------
 # Data order and checkpoint files
+
+
+def test_build_batch_fits_the_memory_budget():
+    """--build-memory-gb: the decode batch is cut to the rows whose KV cache (in the compute
+    dtype), prefill and logits fit; bf16 fits about twice the rows of fp32."""
+    model, rows = tiny_gpt(), two_rows()
+    P, new = 8, 10
+    # 1 layer, 2 key/value heads of 16, fp32: the cache; the prefill's scores over 2 heads and
+    # MLP of 2 x 128; three fp32 copies of 64 logits
+    per_row = 2 * 1 * 2 * 16 * (P + new) * 4 + 4 * P * (2 * (P + new) + 2 * 128) + 12 * 64
+    assert train.fitting_batch(model, rows, 256, new, "fp32", 1.0) == 256
+    assert train.fitting_batch(model, rows, 256, new, "fp32", 10 * per_row / 1e9) == 10
+    assert train.fitting_batch(model, rows, 256, new, "fp32", 1e-12) == 1
+    assert train.fitting_batch(model, rows, 256, new, "bf16", 10 * per_row / 1e9) > 10
 
 
 def test_batch_indices_cover_each_epoch_once():
@@ -420,12 +445,22 @@ def dist_runs(files, tmp_path_factory):
     out = root / "eval-2"
     procs["eval", 2] = (out, start(torchrun_cmd(tiny_args(files, out, "--method", "sft", "--iter-epochs", "1",
                                                           batch=8, micro=2))))
+    # --fsdp (FSDP2 over gloo) on bash: trains, builds its offline set and evaluates sharded; and
+    # the same run stopped inside its iteration, to be resumed
+    for name, extra in (("bash", ["--eval-data", str(files[1])]), ("stop", ["--stop-after", "5"])):
+        out = root / f"{name}-fsdp"
+        procs[name, "fsdp"] = (out, start(torchrun_cmd(fsdp_args(files, out, *extra))))
     return {key: (out, *finish(p, timeout=180)) for key, (out, p) in procs.items()}
+
+
+def fsdp_args(files, out, *extra):
+    return [*TINY, "--data", str(files[0]), "--out", str(out), "--batch-size", "8", "--micro-batch-size", "2",
+            *DIST_RUNS["bash"][0], "--fsdp", *extra]
 
 
 def check_dist_run(dist_runs, key):
     out, rc, _, err = dist_runs[key]
-    what = "torchrun with 2 gloo processes" if key[1] == 2 else "one process"
+    what = {1: "one process", 2: "torchrun with 2 gloo processes"}.get(key[1], "torchrun --fsdp, 2 processes")
     assert rc == 0, f"{what} failed (rc {rc}):\n{err[-5000:]}"
     return out
 
@@ -444,6 +479,39 @@ def test_torchrun_two_processes_match_one(dist_runs, name):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_fsdp_two_processes_match_one(dist_runs):
+    """--fsdp: parameters, gradients and AdamW's state sharded over 2 processes; the same weights
+    as one process on the same global batch (SFT steps, BASH's offline set built from a gathered
+    copy, BASH steps), written whole in the Hugging Face layout; evaluation ran at both phases."""
+    one, two = check_dist_run(dist_runs, ("bash", 1)), check_dist_run(dist_runs, ("bash", "fsdp"))
+    check_log(two, DIST_RUNS["bash"][1])
+    w1, w2 = weights(one / "checkpoint"), weights(two / "checkpoint")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    recs = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+    assert sum("val_loss" in r for r in recs) == 2
+
+
+def test_fsdp_stop_and_resume_is_exact(dist_runs, files):
+    """Stopped after 5 of 8 steps (inside BASH's iteration), resumed under --fsdp (the gathered
+    optimizer state sharded again): the uninterrupted --fsdp run's weights, bit for bit; the
+    checkpoint loads in transformers."""
+    out = check_dist_run(dist_runs, ("stop", "fsdp"))
+    assert torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)["step"] == 5
+    rc, _, err = finish(start(torchrun_cmd(fsdp_args(files, out, "--resume"))), timeout=180)
+    assert rc == 0, err[-5000:]
+    whole = check_dist_run(dist_runs, ("bash", "fsdp"))
+    wa, wb = weights(whole / "checkpoint"), weights(out / "checkpoint")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs after stop and resume under --fsdp"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "checkpoint", torch_dtype=torch.float32).eval()
+    ids = torch.tensor([list(b"12+34-5=12+34=46,46-5=41 #### 41")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, from_pretrained(out / "checkpoint")(ids), rtol=0, atol=1e-5)
 
 
 def test_torchrun_with_eval_data_finishes(dist_runs):
