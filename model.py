@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from plumbing import check_fields, inside, is_int, json_object, open_safetensors, read_json
+from plumbing import (check_fields, check_memory, checked_weight, inside, is_int, json_object,
+                      open_safetensors, read_json)
 
 
 @dataclass
@@ -410,6 +411,11 @@ def hf_layout(cfg: GPTConfig) -> list[tuple[str, list[tuple[str, tuple]], bool]]
     return out
 
 
+def param_count(cfg: GPTConfig) -> int:
+    """The model's parameters, from its config alone: what it needs is known before allocating."""
+    return sum(math.prod(shape) for _, parts, _ in hf_layout(cfg) for _, shape in parts)
+
+
 # Stored tensors that are not weights: GPT-2's causal-mask buffers, rotary caches of old exports.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -444,7 +450,7 @@ def load_hf_state(cfg: GPTConfig, path: Path, dtype=torch.float32) -> dict[str, 
         if file not in handles:
             handles[file] = open_safetensors(file)
         try:
-            return handles[file].get_tensor(stored)
+            return checked_weight(handles[file].get_tensor(stored), stored, file)
         except SafetensorError as e:
             raise ValueError(f"{file}: cannot read {stored!r} ({e})") from None
 
@@ -478,6 +484,9 @@ def from_pretrained(path, dtype=torch.float32, device="cpu") -> "GPT":
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json")
     cfg = config_from_hf(read_json(cfg_file), str(cfg_file))
+    n = param_count(cfg)
+    check_memory(n * dtype.itemsize, f"{cfg_file}: a model of {n:,} parameters", device,
+                 "load it on a larger machine")
     with torch.device("meta"):
         model = GPT(cfg)
     state = load_hf_state(cfg, path, dtype)
