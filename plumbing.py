@@ -3,16 +3,17 @@ file: it holds no method, only what keeps a run from losing work or trusting bad
 (nanochat's checkpoint_manager.py and nanoGPT's configurator.py are the precedent).
 
 What it guarantees (README, "Safety and failure"; tests/test_safety.py checks each point):
-- Reading: a checkpoint's files lie in its folder (no '..', absolute or symlinked names); JSON
-  is an object without duplicate keys; safetensors files are readable; sizes are range-checked
-  before anything is allocated; flags are typed and range-checked when parsed.
-- Writing: a checkpoint is written to checkpoint.tmp and swapped in by renames, so a kill at any
-  moment leaves a whole checkpoint; the log stays valid JSON Lines.
-- Run folders: one run per --out, locked (flock) for the run's life; a folder holding a run is
-  refused unless --resume (its saved settings compared) or --overwrite (the old run kept until the
-  new one writes).
-- Failures: every expected failure (bad input, a bad checkpoint, a full or read-only disk) is
-  one line, 'error: <file or flag>: <what> (<what to do>)'.
+- Reading: a checkpoint's files lie in its folder (no '..', absolute or symlinked names); data
+  files are regular files read once, lines bounded; JSON is an object without duplicate keys,
+  nested at most MAX_DEPTH deep; weights are floating and finite; sizes are range-checked and
+  bounded by the free memory before anything is allocated; flags are typed when parsed.
+- Writing: nothing inside --out is written through a symbolic link; a checkpoint is written to a
+  fresh checkpoint.tmp and swapped in by renames, so a kill at any moment leaves a whole one.
+- Run folders: one run per --out (flock on the folder itself); a folder holding a run is refused
+  unless --resume (settings, tokenizer, data, world size and train_state.pt checked) or
+  --overwrite (the old run kept until the new one's first checkpoint is whole).
+- Failures: every expected failure (bad input, a bad checkpoint, a full or read-only disk,
+  SIGINT / SIGTERM) is one line, 'error: <file or flag>: <what> (<what to do>)'.
 """
 import argparse
 import contextlib

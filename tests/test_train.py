@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -444,6 +445,18 @@ def test_torchrun_two_processes_match_one(dist_runs, name):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_a_two_process_run_is_not_resumed_in_one(dist_runs, files, tmp_path):
+    """Their floating-point sums differ: run.json records the world size and --resume compares it."""
+    two = check_dist_run(dist_runs, ("sft", 2))
+    out = tmp_path / "run"
+    shutil.copytree(two, out)
+    args = [*TINY, "--data", str(files[0]), "--out", str(out), "--batch-size", "8",
+            "--micro-batch-size", "2", *DIST_RUNS["sft"][0], "--resume"]
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert "world_size 1 (saved: 2)" in str(e.value.code), e.value.code
 
 
 def test_torchrun_with_eval_data_finishes(dist_runs):
