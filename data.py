@@ -407,7 +407,7 @@ def load_tokenizer(ckpt_dir) -> Tokenizer:
     cfg = read_json(cfg_path) if cfg_path.exists() else {}
     if "tiktoken" in cfg:  # our own checkpoints
         makers = {"bytes": byte_tokenizer, "r50k_base": gpt2_tokenizer}
-        if cfg["tiktoken"] not in makers:
+        if not isinstance(cfg["tiktoken"], str) or cfg["tiktoken"] not in makers:
             raise ValueError(f"{cfg_path}: unknown tiktoken {cfg['tiktoken']!r}, "
                              f"expected one of {list(makers)}")
         return makers[cfg["tiktoken"]]()

@@ -500,7 +500,7 @@ def part2_commands(good, train_file, tmp_path_factory):
     """Part 2's subprocesses, started together: SIGINT / SIGTERM mid-run, writes past a file size
     limit (torch.save's train_state.pt, then safetensors' weights)."""
     root = tmp_path_factory.mktemp("part2")
-    long = ["--iter-epochs", 40, "--save-every", 5]  # 160 steps: a signal lands inside them
+    long = ["--iter-epochs", 400, "--save-every", 5]  # 1600 steps: signalled long before the end
     procs = {sig: start("train.py", *args_for(train_file, root / sig.name, *long))
              for sig in (signal.SIGINT, signal.SIGTERM)}
     for name, size in (("state", 150_000), ("weights", 50_000)):
@@ -509,7 +509,11 @@ def part2_commands(good, train_file, tmp_path_factory):
             [sys.executable, "train.py", *args_for(train_file, out, "--resume")], cwd=ROOT,
             env=sub_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             errors="replace", preexec_fn=limited(size))
-    return procs, root
+    yield procs, root
+    for proc in procs.values():  # a run whose test was deselected must not outlive the tests
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -725,6 +729,9 @@ def test_deep_or_mistyped_config_is_one_line(good, tmp_path):
     edit["rope_theta"] = "10000"
     (ck / "config.json").write_text(json.dumps(edit))
     fails(generate.main, ["--init", str(ck)], "config.json", "rope_theta is '10000'")
+    edit["rope_theta"], edit["tiktoken"] = 10000.0, ["bytes"]
+    (ck / "config.json").write_text(json.dumps(edit))
+    fails(generate.main, ["--init", str(ck)], "config.json", "unknown tiktoken ['bytes']")
 
 
 def test_a_model_too_large_for_memory_is_refused_before_allocating(train_file, tmp_path):
@@ -802,7 +809,7 @@ def test_a_signal_ends_the_run_in_one_line_and_it_resumes(part2_commands, train_
     assert f"interrupted by {sig.name} at step " in line and "--resume continues" in line, line
     saved = json.loads((out / "checkpoint" / "run.json").read_text())["step"]
     assert f"{out / 'checkpoint'} (step {saved})" in line, line
-    args = args_for(train_file, out, "--iter-epochs", 40, "--save-every", 5, "--resume",
+    args = args_for(train_file, out, "--iter-epochs", 400, "--save-every", 5, "--resume",
                     "--stop-after", saved + 1)
     train.main(args)
     steps = [json.loads(t)["step"] for t in (out / "log.jsonl").read_text().splitlines()]
