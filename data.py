@@ -25,7 +25,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR",
 import tiktoken  # noqa: E402  (must come after the cache dir is set)
 import torch  # noqa: E402
 
-from plumbing import inside, is_int, json_object, parse_json, read_json  # noqa: E402
+from plumbing import inside, is_int, json_object, parse_json, read_json, regular_lines  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -51,6 +51,7 @@ class Row:
     answer: str | None  # for exact match
     reference: str  # response text, for ROUGE
     rejected: list[int] | None = None  # a preference pair's rejected response ids + [eos_id]
+    shape: str = "prompt"  # the JSONL shape it came from (Example.shape)
 
 
 # Chat templates: the checkpoint's own, recognised from its jinja text and rendered here. Each
@@ -248,6 +249,9 @@ def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
         prompt = render_chat(turns, tok)
         ref = render_chat(_qa_ref_turns(turns, y), tok)
     elif task == "math":
+        if ex.shape == "question" and "####" not in y:  # its answer is what exact match scores
+            raise DataError(f"line {ex.line}: the answer has no final '#### <number>' "
+                            "(the math task scores it)")
         # The paper's evaluation prompt has an empty system turn.
         prompt = render_chat([{"role": "system", "content": ""},
                               {"role": "user", "content": MATH_PROMPT.format(x=x)}], tok)
@@ -262,7 +266,7 @@ def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
     else:
         raise ValueError(f"unknown task {task!r}, expected one of {TASKS}")
     return Row(with_bos(prompt, tok), tok.encode(y) + [tok.eos_id], with_bos(ref, tok), ex.answer,
-               ex.response)
+               ex.response, shape=ex.shape)
 
 
 def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int,
@@ -940,7 +944,7 @@ def load_tokenizer(ckpt_dir) -> Tokenizer:
     cfg = read_json(cfg_path) if cfg_path.exists() else {}
     if "tiktoken" in cfg:  # our own checkpoints
         makers = {"bytes": byte_tokenizer, "r50k_base": gpt2_tokenizer}
-        if cfg["tiktoken"] not in makers:
+        if not isinstance(cfg["tiktoken"], str) or cfg["tiktoken"] not in makers:
             raise ValueError(f"{cfg_path}: unknown tiktoken {cfg['tiktoken']!r}, "
                              f"expected one of {list(makers)}")
         return makers[cfg["tiktoken"]]()
@@ -995,10 +999,7 @@ def _example(obj, where: str, line: int) -> Example:
                     or not isinstance(t.get("content"), str)):
                 raise DataError(f"{where}: field 'messages' must hold objects with string "
                                 "'role' and 'content'")
-        # The target must be the end of the conversation, with something before it.
-        if len(turns) < 2 or turns[-1]["role"] != "assistant":
-            raise DataError(f"{where}: field 'messages' must end with an assistant turn that "
-                            "has >= 1 turn before it")
+        check_turns(turns, where)
         ex = Example(turns[:-1], turns[-1]["content"], line=line, shape="messages")
     elif "question" in obj:
         q, a = _field(obj, "question", str, where), _field(obj, "answer", str, where)
@@ -1014,6 +1015,23 @@ def _example(obj, where: str, line: int) -> Example:
     if not ex.response.strip():
         raise DataError(f"{where}: empty response")
     return ex
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_turns(turns: list[dict], where: str):
+    """A conversation the chat templates can render: known roles, a system turn only first, and
+    the reply (the target) an assistant turn that answers a user turn."""
+    for i, t in enumerate(turns):
+        if t["role"] not in ROLES:
+            raise DataError(f"{where}: messages[{i}] has role {t['role']!r}, expected one of "
+                            f"{list(ROLES)}")
+        if t["role"] == "system" and i > 0:
+            raise DataError(f"{where}: messages[{i}] is a system turn; only the first may be")
+    if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+        raise DataError(f"{where}: field 'messages' must end with a user turn and the "
+                        "assistant's reply to it")
 
 
 def _pair(obj, where: str, line: int) -> Example:
@@ -1038,28 +1056,26 @@ def _pair(obj, where: str, line: int) -> Example:
     return ex
 
 
-def read_jsonl(path, pairs: bool = False) -> list[Example]:
-    """One Example per non-blank line; pairs: preference pairs (see _pair)."""
+def read_jsonl(path, pairs: bool = False, digest=None) -> list[Example]:
+    """One Example per non-blank line of a regular file, read once; pairs: preference pairs
+    (see _pair); digest: a hashlib object fed the bytes read."""
     path = Path(path)
     examples = []
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory (give a JSONL file)")
-    with open(path, "rb") as f:  # binary, so a bad byte is reported with its line
-        for line, raw in enumerate(f, 1):
-            where = f"{path}:{line}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not text.strip():
-                continue
-            obj = parse_json(text, where, DataError)
-            examples.append((_pair if pairs else _example)(obj, where, line))
-            first = examples[0]
-            if examples[-1].shape != first.shape:  # one template per file: never switch silently
-                raise DataError(f"{where}: a {{{examples[-1].shape}, ...}} row, but line "
-                                f"{first.line} is a {{{first.shape}, ...}} row "
-                                "(one shape per file)")
+    for line, raw in regular_lines(path, digest, DataError):  # binary: bad bytes get a line
+        where = f"{path}:{line}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        if not text.strip():
+            continue
+        obj = parse_json(text, where, DataError)
+        examples.append((_pair if pairs else _example)(obj, where, line))
+        first = examples[0]
+        if examples[-1].shape != first.shape:  # one template per file: never switch silently
+            raise DataError(f"{where}: a {{{examples[-1].shape}, ...}} row, but line "
+                            f"{first.line} is a {{{first.shape}, ...}} row "
+                            "(one shape per file)")
     if not examples:
         raise DataError(f"{path}: no examples (file is empty)")
     return examples

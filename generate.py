@@ -17,15 +17,18 @@ import torch
 import torch.nn as nn
 
 from model import GPT, KVCache
-from plumbing import (EXPECTED, device_name, error_line, non_negative_float, non_negative_int,
-                      positive_int, ranged)
+from plumbing import (EXPECTED, check_memory, device_name, error_line, non_negative_float,
+                      non_negative_int, positive_int, ranged)
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """Next token per row from logits (B, vocab). temperature 0 is greedy."""
+    """Next token per row from logits (B, vocab). temperature 0 is greedy. The logits are shifted
+    so their largest is 0 before dividing: no temperature, however small (1e-45), overflows, and
+    one that small samples the argmax, its limit."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits, ids = logits.float() / temperature, None
+    logits = logits.float()
+    logits, ids = (logits - logits.amax(dim=-1, keepdim=True)) / temperature, None
     # work on the k best only: sorted, and far cheaper than the whole vocabulary
     if top_k is not None:
         logits, ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
@@ -227,6 +230,13 @@ def main(argv=None):
         sys.exit(error_line(e))
 
 
+def decode_bytes(cfg, batch: int, length: int) -> int:
+    """What decoding `batch` rows of `length` tokens allocates: the KV cache (keys and values of
+    every layer, fp32 on a CPU) plus the activations and logits of one step (a generous bound)."""
+    cache = 2 * cfg.n_layer * batch * cfg.n_kv_head * length * cfg.head_dim * 4
+    return cache + batch * (length * cfg.n_embd * 16 + cfg.vocab_size * 8)
+
+
 def sample_command(args):
     from data import check_vocab, load_tokenizer, render_chat, with_bos
     from model import from_pretrained
@@ -246,6 +256,9 @@ def sample_command(args):
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt's {len(ids)} tokens "
                          f"leave room for {room} in the model's context of "
                          f"{model.config.block_size} (ask for at most {room})")
+    check_memory(decode_bytes(model.config, args.num_samples, len(ids) + args.max_new_tokens),
+                 f"--num-samples {args.num_samples}: decoding them as one batch", args.device,
+                 "ask for fewer samples")
     prompts = [ids] * args.num_samples
     if args.num_samples > 1:
         rows = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k,
@@ -320,9 +333,11 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, rows: int):
         super().__init__()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
-        self.bias = linear.bias
+        self.bias, self.plain = linear.bias, linear
 
     def forward(self, x):
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):  # e.g. a bf16 forward
+            return self.plain(x)  # inside the packing (DPO's reference log-probs): plain layout
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 

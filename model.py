@@ -28,7 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from plumbing import check_fields, inside, is_int, json_object, open_safetensors, read_json
+from plumbing import (check_fields, check_memory, checked_weight, inside, is_int, json_object,
+                      open_safetensors, read_json)
 
 # What each family fixes in the base decoder: norm "layer" (LayerNorm) or "rms_1p" (x (1 + w));
 # mlp "gelu_tanh", "gelu" (exact erf) or "geglu" (GELU-tanh gate) instead of "swiglu"; qk_norm
@@ -762,6 +763,11 @@ def to_hf(t: torch.Tensor, parts: list[tuple[str, tuple]], kind: str, cfg: GPTCo
     return [p.t() if kind == "conv1d" else p for p in pieces]
 
 
+def param_count(cfg: GPTConfig) -> int:
+    """The model's parameters, from its config alone: what it needs is known before allocating."""
+    return sum(math.prod(shape) for _, parts, _ in hf_layout(cfg) for _, shape in parts)
+
+
 # Stored tensors that are not weights: GPT-2's and GPT-NeoX's causal-mask buffers, rotary caches
 # of old exports.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias",
@@ -800,7 +806,7 @@ def load_hf_state(cfg: GPTConfig, path: Path, dtype=torch.float32) -> dict[str, 
         if file not in handles:
             handles[file] = open_safetensors(file)
         try:
-            return handles[file].get_tensor(stored)
+            return checked_weight(handles[file].get_tensor(stored), stored, file)
         except SafetensorError as e:
             raise ValueError(f"{file}: cannot read {stored!r} ({e})") from None
 
@@ -837,6 +843,9 @@ def from_pretrained(path, dtype=torch.float32, device="cpu") -> "GPT":
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json")
     cfg = config_from_hf(read_json(cfg_file), str(cfg_file))
+    n = param_count(cfg)
+    check_memory(n * dtype.itemsize, f"{cfg_file}: a model of {n:,} parameters", device,
+                 "load it on a larger machine")
     with torch.device("meta"):
         model = GPT(cfg)
     state = load_hf_state(cfg, path, dtype)

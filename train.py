@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -40,11 +41,13 @@ from tqdm import tqdm
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
                   encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
 from generate import autocast, bash_mix, decode_rows, generate, packed_linears, rac_labels
-from model import GPT, checked_config, config_to_hf, from_pretrained, save_pretrained
-from plumbing import (EXPECTED, claim_out, device_name, error_line, find_checkpoint, finite,
-                      forget_replaced, fraction, load_train_state, log, non_negative_float,
-                      non_negative_int, positive_float, positive_int, release_out, run_settings,
-                      save_checkpoint, tokenizer_files)
+from model import (GPT, checked_config, config_to_hf, from_pretrained, param_count,
+                   save_pretrained)
+from plumbing import (EXPECTED, Interrupted, check_memory, claim_out, device_name, error_line,
+                      find_checkpoint, finite, fraction, interrupted_line, load_train_state, log,
+                      non_negative_float, non_negative_int, positive_float, positive_int,
+                      release_out, run_settings, save_checkpoint, stop_on_signals,
+                      tokenizer_files)
 
 # ----------------------------------------------------------------------------------------------
 # The run: Algorithm 1 (BASH) and Algorithm 2 (RAC)
@@ -57,19 +60,19 @@ def train(r: Run):
     if r.args.resume:
         state = resume(r) or state
     report = {"build_s": 0.0, "train_s": 0.0, "eval": {}}
-    bar = tqdm(total=r.total, initial=state["step"], desc=r.args.method, disable=r.rank != 0)
-
-    # Algorithms 1 and 2, lines 2-6: K1 steps of SFT alone
-    going = train_phase(r, state, -1, range(state["step"], r.k1), bar, report)
-    # Lines 7-18: H iterations of {the offline set with the current weights; K2 steps}
-    for it in range(r.args.iterations):
-        if not going:
-            break
-        steps = range(max(state["step"], r.k1 + it * r.k2), r.k1 + (it + 1) * r.k2)
-        if steps and state["iteration"] != it:  # line 8 (not again when resuming inside it)
-            build_iteration_set(r, state, it, report)
-        going = train_phase(r, state, it, steps, bar, report)
-    bar.close()
+    # closed however the loop ends, so an error line is printed after the bar's last state
+    with tqdm(total=r.total, initial=state["step"], desc=r.args.method,
+              disable=r.rank != 0) as bar:
+        # Algorithms 1 and 2, lines 2-6: K1 steps of SFT alone
+        going = train_phase(r, state, -1, range(state["step"], r.k1), bar, report)
+        # Lines 7-18: H iterations of {the offline set with the current weights; K2 steps}
+        for it in range(r.args.iterations):
+            if not going:
+                break
+            steps = range(max(state["step"], r.k1 + it * r.k2), r.k1 + (it + 1) * r.k2)
+            if steps and state["iteration"] != it:  # line 8 (not again when resuming inside it)
+                build_iteration_set(r, state, it, report)
+            going = train_phase(r, state, it, steps, bar, report)
     if not report["eval"] and state["step"] == r.total:  # resumed a finished run: just evaluate
         report["eval"] = evaluate_run(r, state, "final")
     times = {k: report[k] for k in ("build_s", "train_s")}
@@ -82,6 +85,9 @@ def run(args):
     r = start(args)
     try:
         return train(r)
+    except Interrupted as e:  # SIGINT / SIGTERM: say where the run stopped, and what is kept
+        e.line = interrupted_line(r.out, e.signum) if r.rank == 0 else ""
+        raise
     finally:
         if r.rank == 0:
             release_out(r.out, r.lock, r.made)
@@ -489,7 +495,8 @@ class Run:
     rac_max_new_tokens: int
     spin_max_new_tokens: int
     settings: dict  # what --resume compares (plumbing.run_settings)
-    lock: int | None = None  # rank 0 holds out/.lock (plumbing.claim_out)
+    carried: dict  # --init's tokenizer files, {name: bytes}, copied into every checkpoint
+    lock: int | None = None  # rank 0 holds the flock on out (plumbing.claim_out)
     made: Path | None = None  # the folder claim_out created, removed again if left empty
 
     @property
@@ -502,15 +509,20 @@ def start(args) -> Run:
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(seed_for(args.seed, "torch"))  # dropout and NEFTune noise
     tok = make_tokenizer(args)
+    carried = tokenizer_files(None if args.init == "scratch" else args.init)
     raw = make_model(args, tok, device)
     raw.checkpointing = args.activation_checkpointing  # same gradients, less memory (README)
     max_len = args.max_len or raw.config.block_size
     check_model(args, tok, raw, max_len)
+    digest = hashlib.sha256()  # of the bytes the rows were read from
     rows, task = load_rows(args.data, tok, args.task, max_len, args.overflow,
                            need_ref=args.method == "rac",  # only RAC reads f(x, y)
-                           pairs=args.method == "dpo")
+                           pairs=args.method == "dpo", digest=digest)
     eval_rows = load_rows(args.eval_data, tok, task, max_len, args.overflow,
                           False)[0] if args.eval_data else []
+    if eval_rows and eval_rows[0].shape != rows[0].shape:  # one template for both
+        raise DataError(f"--eval-data {args.eval_data}: {{{eval_rows[0].shape}, ...}} rows, but "
+                        f"--data holds {{{rows[0].shape}, ...}} rows (give them one shape)")
     cap = new_token_cap(rows, max_len)  # RAC's and SPIN's default cap on z
     per_epoch = check_plan(args, len(rows), world)
     if args.fsdp and world == 1:
@@ -524,8 +536,9 @@ def start(args) -> Run:
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
     if args.compile:
         model = torch.compile(model)
-    out = Path(args.out or f"out/{args.method}")
-    opt, settings = make_optimizer(raw, args), run_settings(args, tok, config_to_hf(raw.config))
+    out = Path(args.out)
+    opt = make_optimizer(raw, args)
+    settings = run_settings(args, tok, config_to_hf(raw.config), digest.hexdigest(), carried, world)
     lock, made, failed = None, None, None
     if rank == 0:  # only rank 0 writes; the others hear whether it could claim the folder
         try:
@@ -537,8 +550,8 @@ def start(args) -> Run:
         raise ValueError(failed)
     return Run(args, rank, world, tok, task, rows, eval_rows, raw, model, opt, out,
                round(args.sft_epochs * per_epoch), round(args.iter_epochs * per_epoch),
-               args.rac_max_new_tokens or cap, args.spin_max_new_tokens or cap, settings, lock,
-               made)
+               args.rac_max_new_tokens or cap, args.spin_max_new_tokens or cap, settings, carried,
+               lock, made)
 
 
 def seed_for(seed: int, purpose: str, *coords: int) -> int:
@@ -618,13 +631,18 @@ def make_model(args, tok, device):
                   n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                   tie_embeddings=True, dropout=args.dropout)
     cfg = checked_config(fields, "--init scratch", {k: "--" + k.replace("_", "-") for k in fields})
+    n = param_count(cfg)  # fp32 weights, gradients and AdamW's two moments: 16 bytes each
+    check_memory(16 * n, f"--init scratch: a model of {n:,} parameters (--n-layer {cfg.n_layer}, "
+                 f"--n-embd {cfg.n_embd}, vocabulary {cfg.vocab_size}) to train", device,
+                 "choose smaller sizes")
     torch.manual_seed(seed_for(args.seed, "init"))
     return GPT(cfg).to(device)
 
 
-def load_rows(path, tok, task, max_len, overflow, need_ref, pairs=False):
-    """Rows and the task; pairs: preference pairs, rows (x, chosen) with Row.rejected."""
-    examples = read_jsonl(path, pairs=pairs)
+def load_rows(path, tok, task, max_len, overflow, need_ref, pairs=False, digest=None):
+    """Rows and the task; pairs: preference pairs, rows (x, chosen) with Row.rejected; digest:
+    a hashlib object fed the file's bytes as they are read."""
+    examples = read_jsonl(path, pairs=pairs, digest=digest)
     if task == "auto":
         shapes = {e.shape for e in examples}
         task = "chat" if "messages" in shapes else "math" if "question" in shapes else "plain"
@@ -676,7 +694,9 @@ def batch_indices(step, n_rows, batch_size, seed):
 def check_model(args, tok, raw, max_len):
     """What a checkpoint and the flags must agree on, checked before anything is written."""
     check_vocab(tok, raw.config.vocab_size, args.init)
-    tokenizer_files(None if args.init == "scratch" else args.init)
+    if args.init != "scratch":  # loaded: gradients and AdamW's two moments are still to come
+        check_memory(12 * raw.num_params(), f"--init {args.init}: training its "
+                     f"{raw.num_params():,} parameters", raw.device, "train a smaller model")
     if max_len > raw.config.block_size:
         raise ValueError(f"--max-len {max_len}: longer than the model's context of "
                          f"{raw.config.block_size} tokens (at most {raw.config.block_size})")
@@ -777,13 +797,8 @@ def checkpoint(r: Run, state: dict):
                              "checkpoint is kept (lower --lr)")
         saved = {**state, "offline": state["offline"] and [tuple(o) for o in state["offline"]]}
         extra = {"tiktoken": r.tok.name} if r.tok.name in ("bytes", "r50k_base") else {}
-        forget_replaced(r.out)
-        log_file = r.out / "log.jsonl"
-        info = {"settings": r.settings, "log_bytes": log_file.stat().st_size
-                if log_file.exists() else 0}  # where --resume cuts the log back to
         save_checkpoint(lambda folder: save_pretrained(r.raw, folder, extra, weights), r.opt,
-                        saved, r.out, None if r.args.init == "scratch" else r.args.init, info,
-                        opt_state)
+                        saved, r.out, r.carried, {"settings": r.settings}, opt_state)
     if r.world > 1:
         dist.barrier()
 
@@ -808,8 +823,10 @@ def resume(r: Run) -> dict | None:
     except RuntimeError:  # sizes differ: --resume-with-new-settings cannot change the model
         raise ValueError(f"{ckpt}: its weights do not fit this run's model (resume with the "
                          "model flags it was saved with)") from None
+    plan = {"steps": r.total, "iterations": r.args.iterations, "rows": len(r.rows),
+            "vocab": r.raw.config.vocab_size}
     return load_train_state(ckpt, r.opt, PairRow if METHODS[r.args.method].pairs else TrainRow,
-                            load_optimizer)
+                            plan, load_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,6 +940,7 @@ def get_args(argv=None):
                 "(train SFT first, then --init from its checkpoint)")
     if args.lr is None:
         args.lr = 2e-3 if args.init == "scratch" else 1e-5
+    args.out = args.out or f"out/{args.method}"
     if args.micro_batch_size > args.batch_size:
         p.error(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size "
                 f"{args.batch_size} (at most the batch)")
@@ -937,15 +955,24 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    stopped = None
     try:
-        res, _ = run(args)
+        with stop_on_signals():
+            res, _ = run(args)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(json.dumps(finite({k: v for k, v in res.items() if k != "sample"}), indent=1))
     except EXPECTED as e:
         sys.exit(error_line(e))
+    except Interrupted as e:  # rank 0's line ("" on the others); exit 128 + the signal
+        stopped = (e.line if e.line is not None else f"error: interrupted by "
+                   f"{signal.Signals(e.signum).name} before training started", 128 + e.signum)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if stopped:  # here, once the progress bar has printed its last state
+        if stopped[0]:
+            print(stopped[0], file=sys.stderr)
+        sys.exit(stopped[1])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
 from data import encode_rows, extract_answer, load_tokenizer, read_jsonl  # noqa: E402
 from model import from_pretrained  # noqa: E402
+from plumbing import (EXPECTED, device_name, error_line, non_negative_float,  # noqa: E402
+                      non_negative_int, out_file, positive_int)
 
 
 def make_pairs(init, data, out, samples=4, temperature=1.0, seed=0, task="arith", batch_size=256,
@@ -57,23 +59,23 @@ def make_pairs(init, data, out, samples=4, temperature=1.0, seed=0, task="arith"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="make_pairs.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", required=True, help="checkpoint that samples the rejected replies")
     p.add_argument("--data", required=True, help="JSONL of the prompts and references")
-    p.add_argument("--out", required=True, help="pairs JSONL to write")
-    p.add_argument("--samples", type=int, default=4, help="samples per prompt, at most")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=out_file, required=True, help="pairs JSONL to write")
+    p.add_argument("--samples", type=positive_int, default=4, help="samples per prompt, at most")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--task", default="arith", help="prompt template (data.TASKS)")
-    p.add_argument("--batch-size", type=int, default=256, help="prompts per decode batch")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="prompts per decode batch")
+    p.add_argument("--device", type=device_name, default="cpu")
     a = p.parse_args(argv)
     try:
         print(json.dumps(make_pairs(a.init, a.data, a.out, a.samples, a.temperature, a.seed,
                                     a.task, a.batch_size, a.device)))
-    except (ValueError, FileNotFoundError, KeyError) as e:  # DataError is a ValueError
-        sys.exit(f"error: {e}")
+    except EXPECTED as e:  # DataError is a ValueError
+        sys.exit(error_line(e).replace("error: ", "error: make_pairs.py: ", 1))
 
 
 if __name__ == "__main__":

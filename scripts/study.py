@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 from make_pairs import make_pairs  # noqa: E402
 from data import BUILTIN_FORMS, builtin_task, load_tokenizer  # noqa: E402
-from plumbing import device_name, positive_int  # noqa: E402
+from plumbing import (EXPECTED, device_name, error_line, fraction, non_negative_float,  # noqa: E402
+                      non_negative_int, out_folder, positive_float, positive_int)
 from model import from_pretrained  # noqa: E402
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -43,7 +44,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="study.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["chain"], choices=BUILTIN_FORMS + ("gsm",),
                    help="built-in arithmetic (chain, totals), or gsm: the GSM-style math splits "
@@ -53,7 +54,7 @@ def get_args(argv=None):
                         "(scripts/fetch_smollm2.py writes one) that the warm-up starts from")
     p.add_argument("--gsm-dir", default=str(Path(__file__).resolve().parent.parent / "assets"
                                             / "gsm"), help="train/dev/test.jsonl of --tasks gsm")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0],
                    help="one continuation of every method per seed, all from the same warm-up")
     p.add_argument("--methods", nargs="+", default=["sft", "bash", "rac"], choices=train.METHODS)
     p.add_argument("--preference", action="store_true",
@@ -62,18 +63,18 @@ def get_args(argv=None):
     p.add_argument("--eval-split", default="test", choices=("dev", "test"))
     p.add_argument("--tune", action="store_true",
                    help="score on dev a grid of continuation lr, BASH beta and RAC temperature")
-    p.add_argument("--out", default="out/study")
+    p.add_argument("--out", type=out_folder, default="out/study")
     p.add_argument("--device", type=device_name, default="cpu",
                    help="cpu (the numbers in the README), or cuda for the full-size GSM study")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="training forwards (train.py --precision): auto = bf16 on CUDA, fp32 on "
                         "a CPU; bf16 halves SmolLM2's CPU steps")
     g = p.add_argument_group("data")
-    g.add_argument("--train-size", type=int, default=2000)
-    g.add_argument("--dev-size", type=int, default=500)
-    g.add_argument("--test-size", type=int, default=1000)
-    g.add_argument("--terms", type=int, nargs=2, default=[4, 7], help="numbers per problem")
-    g.add_argument("--digits", type=int, default=1, help="digits per number")
+    g.add_argument("--train-size", type=positive_int, default=2000)
+    g.add_argument("--dev-size", type=positive_int, default=500)
+    g.add_argument("--test-size", type=positive_int, default=1000)
+    g.add_argument("--terms", type=positive_int, nargs=2, default=[4, 7], help="numbers per problem")
+    g.add_argument("--digits", type=positive_int, default=1, help="digits per number")
     g = p.add_argument_group("batches and decoding (every run)")
     g.add_argument("--batch-size", type=positive_int, default=64, help="rows per optimizer step")
     g.add_argument("--micro-batch-size", type=positive_int, default=64,
@@ -81,21 +82,21 @@ def get_args(argv=None):
     g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="cap on generated answers and RAC's z (default: longest reference + 16)")
     g = p.add_argument_group("warm-up (SFT from --init)")
-    g.add_argument("--warmup-epochs", type=float, default=8.0, help="the first round")
-    g.add_argument("--warmup-lr", type=float, default=2e-3, help="the first round's peak lr")
-    g.add_argument("--round-epochs", type=float, default=2.0,
+    g.add_argument("--warmup-epochs", type=positive_float, default=8.0, help="the first round")
+    g.add_argument("--warmup-lr", type=positive_float, default=2e-3, help="the first round's peak lr")
+    g.add_argument("--round-epochs", type=positive_float, default=2.0,
                    help="each further round, at a quarter of --warmup-lr")
-    g.add_argument("--plateau", type=float, default=1.0,
+    g.add_argument("--plateau", type=non_negative_float, default=1.0,
                    help="stop when a round raises the dev accuracy by fewer points than this")
-    g.add_argument("--max-rounds", type=int, default=6)
+    g.add_argument("--max-rounds", type=positive_int, default=6)
     g = p.add_argument_group("continuation (the same for every method)")
-    g.add_argument("--epochs", type=float, default=1.0, help="epochs of each continuation")
-    g.add_argument("--iterations", type=int, default=1, help="H, offline sets per continuation")
-    g.add_argument("--lr", type=float, default=3e-5,
+    g.add_argument("--epochs", type=positive_float, default=1.0, help="epochs of each continuation")
+    g.add_argument("--iterations", type=positive_int, default=1, help="H, offline sets per continuation")
+    g.add_argument("--lr", type=positive_float, default=3e-5,
                    help="peak learning rate (picked on chain's dev split, see README)")
-    g.add_argument("--beta", type=float, default=0.1,
+    g.add_argument("--beta", type=fraction, default=0.1,
                    help="BASH: share of the model's tokens (picked on chain's dev split)")
-    g.add_argument("--rac-temperature", type=float, default=1.0,
+    g.add_argument("--rac-temperature", type=non_negative_float, default=1.0,
                    help="RAC: temperature of the sampled z (picked on chain's dev split)")
     return p.parse_args(argv)
 
@@ -329,6 +330,13 @@ def save(root: Path, task, results, seeds, split, t0) -> str:
 
 def main(argv=None):
     args = get_args(argv)
+    try:
+        study(args)
+    except EXPECTED as e:  # a failed run inside the study: its one line, in the study's name
+        sys.exit(error_line(e).replace("error: ", "error: study.py: ", 1))
+
+
+def study(args):
     split = "dev" if args.tune else args.eval_split
     root = Path(args.out) / ("tune" if args.tune else split)
     root.mkdir(parents=True, exist_ok=True)

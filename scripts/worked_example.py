@@ -22,6 +22,8 @@ import study  # noqa: E402
 import train  # noqa: E402
 from data import BUILTIN_FORMS, builtin_task, encode_rows, load_tokenizer  # noqa: E402
 from model import from_pretrained  # noqa: E402
+from plumbing import (EXPECTED, error_line, fraction, non_negative_float,  # noqa: E402
+                      non_negative_int, positive_int)
 
 
 def aligned(tok, lines: dict[str, list]) -> str:
@@ -44,17 +46,24 @@ def quick_warm_up(form: str) -> Path:
     return study.warm_up(folder, study.write_splits(folder / "data", form, args), args)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__,
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="worked_example.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", default=None,
                    help="checkpoint (default: out/study/<task>/warmup/checkpoint)")
     p.add_argument("--task", default="chain", choices=BUILTIN_FORMS)
-    p.add_argument("--rows", type=int, default=2, help="problems to show")
-    p.add_argument("--beta", type=float, default=0.2, help="BASH: share of the model's tokens")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    p.add_argument("--rows", type=positive_int, default=2, help="problems to show")
+    p.add_argument("--beta", type=fraction, default=0.2, help="BASH: share of the model's tokens")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    args = p.parse_args(argv)
+    try:
+        show(args)
+    except EXPECTED as e:
+        sys.exit(error_line(e).replace("error: ", "error: worked_example.py: ", 1))
+
+
+def show(args):
     init = Path(args.init or f"out/study/{args.task}/warmup/checkpoint")
     if args.init is None and not (init / "config.json").exists():
         print(f"no {init}: training a quick warm-up first", flush=True)

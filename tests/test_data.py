@@ -193,7 +193,7 @@ def test_read_jsonl_shapes(tmp_path):
     (b'{"text": "a"}', "unknown shape"),
     (b'{"prompt": "a", "response": "  "}', "empty response"),
     (b'{"prompt": "a", "response": 3}', "must be str"),
-    (b'{"messages": [{"role": "assistant", "content": "x"}]}', ">= 1 turn before"),
+    (b'{"messages": [{"role": "assistant", "content": "x"}]}', "end with a user turn and the"),
     (b'{"prompt": "caf\xe9", "response": "b"}', "not UTF-8"),
 ])
 def test_read_jsonl_errors(tmp_path, line, what):

@@ -400,18 +400,6 @@ def test_bad_files_are_named(good, train_file, tmp_path):
     assert not out.exists()
 
 
-def test_disk_full_is_one_line_and_keeps_the_checkpoint(good, train_file, tmp_path, monkeypatch):
-    out = copy_run(good, tmp_path)
-    before = snapshot(out / "checkpoint")
-
-    def full(obj, path, *a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(torch, "save", full)
-    fails(train.main, args_for(train_file, out, "--resume"), "train_state.pt",
-          "No space left on device (free some space)")
-    assert snapshot(out / "checkpoint") == before
-
-
 def test_generate_past_the_context_is_one_line(failed_commands):
     line = error_of(failed_commands[0]["context"][0])
     assert "--max-new-tokens 100" in line and "context of 64" in line, line
@@ -483,3 +471,442 @@ def test_sigkill_at_random_moments_then_resume_is_exact(train_file, tmp_path, re
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
     assert_finished_like(out, reference)
+
+
+# ==============================================================================================
+# Part 2 (issue 23): links, the lock, --overwrite, resume, loading, data, signals, the scripts
+
+
+def read_only_folder(folder: Path):
+    """folder read-only for real: chmod for a user; for root, whom permissions do not stop, a
+    read-only bind mount (skipped where root cannot mount)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    if subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode:
+        pytest.skip("running as root without mount: no way to make a folder read-only")
+    subprocess.run(["mount", "-o", "remount,ro,bind", folder, folder], check=True)
+    return lambda: subprocess.run(["umount", folder], check=True)
+
+
+def limited(size):
+    """preexec_fn: files of at most `size` bytes, a real write failure (EFBIG) past it."""
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+@pytest.fixture(scope="module")
+def part2_commands(good, train_file, tmp_path_factory):
+    """Part 2's subprocesses, started together: SIGINT / SIGTERM mid-run, writes past a file size
+    limit (torch.save's train_state.pt, then safetensors' weights)."""
+    root = tmp_path_factory.mktemp("part2")
+    long = ["--iter-epochs", 400, "--save-every", 5]  # 1600 steps: signalled long before the end
+    procs = {sig: start("train.py", *args_for(train_file, root / sig.name, *long))
+             for sig in (signal.SIGINT, signal.SIGTERM)}
+    for name, size in (("state", 150_000), ("weights", 50_000)):
+        out = copy_run(good, root, name)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "train.py", *args_for(train_file, out, "--resume")], cwd=ROOT,
+            env=sub_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            errors="replace", preexec_fn=limited(size))
+    yield procs, root
+    for proc in procs.values():  # a run whose test was deselected must not outlive the tests
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Nothing is written through a link; a checkpoint is never read through one
+
+
+@pytest.mark.parametrize("name", ["checkpoint.tmp", "checkpoint.old", "log.jsonl", ".lock"])
+def test_a_link_where_the_run_writes_is_refused(good, train_file, tmp_path, name):
+    out = copy_run(good, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text("keep me")
+    target = elsewhere if name.startswith("checkpoint") else elsewhere / "config.json"
+    (out / name).unlink(missing_ok=True)
+    (out / name).symlink_to(target)
+    before = snapshot(out / "checkpoint")
+    fails(train.main, args_for(train_file, out, "--resume"), name, "symbolic link")
+    assert (elsewhere / "config.json").read_text() == "keep me"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["config.json"]
+    assert snapshot(out / "checkpoint") == before
+
+
+@pytest.mark.parametrize("name", ["train_state.pt", "run.json"])
+def test_a_checkpoint_is_never_read_through_a_link(good, train_file, tmp_path, name):
+    out = copy_run(good, tmp_path)
+    outside = tmp_path / name
+    (out / "checkpoint" / name).rename(outside)
+    (out / "checkpoint" / name).symlink_to(outside)
+    fails(train.main, args_for(train_file, out, "--resume"), name, "symbolic link")
+
+
+def test_the_log_is_never_written_through_a_link(tmp_path):
+    (tmp_path / "secret").write_text("x")
+    (tmp_path / "log.jsonl").symlink_to(tmp_path / "secret")
+    with pytest.raises(ValueError, match="log.jsonl: is a symbolic link"):
+        plumbing.log(tmp_path, {"step": 1})
+    assert (tmp_path / "secret").read_text() == "x"
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The lock is the folder's flock: deleting or replacing .lock cannot lose it
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_run_in(good, train_file, tmp_path):
+    out = copy_run(good, tmp_path)
+    fd = plumbing.lock_out(out)
+    try:
+        (out / ".lock").unlink()  # what a careless user (or a cleanup script) does
+        fails(train.main, args_for(train_file, out, "--resume"), "--out", "in use by another run")
+        (out / ".lock").write_text("forged\n")
+        fails(train.main, args_for(train_file, out, "--resume"), "in use by another run")
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. --overwrite: the old run stays the run until the new one's first checkpoint is whole
+
+
+def test_overwrite_that_fails_before_its_first_checkpoint_keeps_the_old_run(good, train_file,
+                                                                             tmp_path):
+    out = copy_run(good, tmp_path)
+    before = snapshot(out)
+    # step 1 is finite and logged; its update makes step 2 not finite
+    fails(train.main, args_for(train_file, out, "--overwrite", "--lr", "1e30"), "step 2",
+          "not finite", "the last checkpoint is kept")
+    assert snapshot(out) == before, "the old run was changed by a new one that never saved"
+
+
+def test_overwrite_with_init_inside_out_keeps_its_tokenizer_files(good, train_file, tmp_path):
+    out = copy_run(good, tmp_path)
+    (out / "checkpoint" / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    train.main(args_for(train_file, out, "--overwrite", "--init", out / "checkpoint"))
+    assert (out / "checkpoint" / "tokenizer_config.json").read_text() == \
+        '{"eos_token": "<|endoftext|>"}'
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "log.jsonl"]
+
+
+def test_an_overwrite_swap_cut_short_is_completed(tmp_path):
+    """Each state a kill during commit_overwrite can leave: the next start finishes the swap."""
+    def setup(out):
+        for where, tag in ((out, "old"), (out / ".overwrite", "new")):
+            (where / "checkpoint").mkdir(parents=True)
+            (where / "checkpoint" / "w").write_text(tag)
+            (where / "log.jsonl").write_text(tag)
+        (out / "checkpoint.old").mkdir()
+    out = tmp_path / "run"
+    setup(out)
+    plumbing.commit_overwrite(out)
+    renames = 0
+    while True:  # cut after 0, 1, 2, ... renames until one run completes uncut
+        shutil.rmtree(out)
+        setup(out)
+        real, count = Path.rename, [0]
+
+        def cut(self, target):
+            if count[0] == renames:
+                raise KeyboardInterrupt  # the kill, at this rename
+            count[0] += 1
+            return real(self, target)
+        Path.rename = cut
+        try:
+            plumbing.commit_overwrite(out)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        finally:
+            Path.rename = real
+        if renames and not finished:
+            plumbing.finish_overwrite(out)  # what the next start does
+            assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "log.jsonl"], renames
+            assert (out / "checkpoint" / "w").read_text() == "new"
+            assert (out / "log.jsonl").read_text() == "new"
+        if finished:
+            break
+        renames += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Resume checks the tokenizer by content, the log's size and every field of train_state.pt
+
+
+def test_resume_compares_the_tokenizer_by_content(train_file, tmp_path):
+    from test_data import hf_tokenizer
+    from model import GPT, GPTConfig, save_pretrained
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    hf_tokenizer(ck)
+    vocab = data.load_tokenizer(ck).vocab_size
+    save_pretrained(GPT(GPTConfig(arch="llama", vocab_size=vocab, block_size=64, n_layer=1,
+                                  n_head=2, n_embd=32)), ck)
+    out = tmp_path / "run"
+    argv = args_for(train_file, out, "--stop-after", 2, "--init", ck)
+    train.main(argv)
+    tj = json.loads((ck / "tokenizer.json").read_text())
+    v = tj["model"]["vocab"]
+    a, b = sorted(v, key=v.get)[300:302]  # two tokens change ids: same size, another tokenizer
+    v[a], v[b] = v[b], v[a]
+    (ck / "tokenizer.json").write_text(json.dumps(tj))
+    assert data.load_tokenizer(ck).vocab_size == vocab
+    fails(train.main, [*argv, "--resume"], "tokenizer tokenizer.json", "(saved: tokenizer.json")
+
+
+def test_log_bytes_past_the_log_is_refused(good, train_file, tmp_path):
+    out = copy_run(good, tmp_path)
+    info = json.loads((out / "checkpoint" / "run.json").read_text())
+    info["log_bytes"] = (out / "log.jsonl").stat().st_size + 100
+    (out / "checkpoint" / "run.json").write_text(json.dumps(info))
+    fails(train.main, args_for(train_file, out, "--resume"), "run.json", "log_bytes")
+    assert b"\0" not in (out / "log.jsonl").read_bytes()
+
+
+STATE_EDITS = {
+    "step": lambda s: s.update(step=10 ** 9),
+    "iteration": lambda s: s.update(iteration="0"),
+    "stats": lambda s: s.update(stats=[1]),
+    "rng": lambda s: s.update(rng=s["rng"].int()),
+    "offline": lambda s: s.update(offline=[(1, 2)]),
+    "optimizer.state[0].exp_avg": lambda s: s["optimizer"]["state"][0].update(
+        exp_avg=torch.zeros(3)),
+    "optimizer": lambda s: s["optimizer"]["param_groups"].pop(),
+    "(top)": lambda s: s.pop("cuda_rng"),
+}
+
+
+@pytest.mark.parametrize("field", list(STATE_EDITS))
+def test_every_field_of_train_state_is_checked(good, train_file, tmp_path, field):
+    out = copy_run(good, tmp_path)
+    path = out / "checkpoint" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    STATE_EDITS[field](state)
+    torch.save(state, path)
+    fails(train.main, args_for(train_file, out, "--resume"), "train_state.pt", f"field {field}")
+
+
+def test_an_unsafe_pickle_is_refused_without_torchs_unsafe_advice(good, train_file, tmp_path):
+    out = copy_run(good, tmp_path)
+    torch.save({"x": argparse_namespace()}, out / "checkpoint" / "train_state.pt")
+    msg = fails(train.main, args_for(train_file, out, "--resume"), "train_state.pt")
+    assert "weights_only" not in msg and "False" not in msg, msg
+
+
+def argparse_namespace():
+    import argparse
+    return argparse.Namespace(a=1)  # any class outside torch's allow-list
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Weights floating and finite, config values typed, nesting bounded, sizes within memory
+
+
+@pytest.mark.parametrize("bad", ["nan", "int32"])
+def test_bad_weights_are_refused_at_load_naming_the_tensor(good, train_file, tmp_path, bad):
+    from safetensors.torch import save_file
+    ck = copy_run(good / "checkpoint", tmp_path, "ck")
+    w = load_file(str(ck / "model.safetensors"))
+    name = "model.layers.0.post_attention_layernorm.weight"
+    w[name] = w[name].clone().fill_(float("nan")) if bad == "nan" else w[name].int()
+    save_file(w, str(ck / "model.safetensors"))
+    fails(train.main, args_for(train_file, tmp_path / "out", "--init", ck), name,
+          "NaN" if bad == "nan" else "int32")
+    fails(generate.main, ["--init", str(ck), "--prompt", "1+"], name)
+    assert not (tmp_path / "out").exists()
+
+
+def test_deep_or_mistyped_config_is_one_line(good, tmp_path):
+    ck = copy_run(good / "checkpoint", tmp_path, "ck")
+    cfg = (ck / "config.json").read_text()
+    (ck / "config.json").write_text(cfg.replace("{", '{"x": ' + "[" * 100_000 + "]" * 100_000
+                                                + ",", 1))
+    fails(generate.main, ["--init", str(ck)], "config.json", "nested deeper")
+    edit = json.loads(cfg)
+    edit["rope_theta"] = "10000"
+    (ck / "config.json").write_text(json.dumps(edit))
+    fails(generate.main, ["--init", str(ck)], "config.json", "rope_theta is '10000'")
+    edit["rope_theta"], edit["tiktoken"] = 10000.0, ["bytes"]
+    (ck / "config.json").write_text(json.dumps(edit))
+    fails(generate.main, ["--init", str(ck)], "config.json", "unknown tiktoken ['bytes']")
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocating(train_file, tmp_path):
+    fails(train.main, args_for(train_file, tmp_path / "out", "--n-embd", 65536, "--n-head", 512),
+          "--init scratch", "GiB", "choose smaller sizes")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Data: regular files only, lines bounded, conversations checked, one shape per run
+
+
+def test_only_regular_files_are_read(train_file, tmp_path):
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)  # no writer: opening it to read would wait forever
+    for path, what in ((fifo, "a pipe"), (Path("/dev/zero"), "a device")):
+        fails(train.main, args_for(path, tmp_path / "out"), str(path), what)
+        fails(train.main, args_for(train_file, tmp_path / "out", "--eval-data", path), what)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_line_past_the_bound_is_refused(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "x" * plumbing.MAX_LINE, "response": "y"}) + "\n")
+    with pytest.raises(data.DataError, match=r"long.jsonl:1: a line longer than"):
+        data.read_jsonl(path)
+
+
+BAD_ROWS = {
+    "nested": ('{"prompt": ' + "[" * 50_000 + "]" * 50_000 + ', "response": "2"}',
+               "nested deeper"),
+    "system-only": ('{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", '
+                    '"content": "2"}]}', "end with a user turn"),
+    "unknown-role": ('{"messages": [{"role": "usr", "content": "1+1="}, {"role": "assistant", '
+                     '"content": "2"}]}', "role 'usr'"),
+    "late-system": ('{"messages": [{"role": "user", "content": "1+1="}, {"role": "system", '
+                    '"content": "s"}, {"role": "user", "content": "?"}, {"role": "assistant", '
+                    '"content": "2"}]}', "messages[1] is a system turn"),
+    "no-final-answer": ('{"question": "1+1?", "answer": "two"}', "no final '#### <number>'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_ROWS))
+def test_bad_rows_are_one_line_naming_the_file_and_line(tmp_path, kind):
+    line, what = BAD_ROWS[kind]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    args = args_for(path, tmp_path / "out", "--task", "auto", "--batch-size", 1,
+                    "--micro-batch-size", 1, "--tokenizer", "r50k_base")
+    msg = fails(train.main, args, "bad.jsonl", what)
+    assert "bad.jsonl:1" in msg or "line 1" in msg, msg
+
+
+def test_an_eval_file_of_another_shape_is_refused(train_file, tmp_path):
+    other = tmp_path / "dev.jsonl"
+    other.write_text('{"question": "1+2?", "answer": "#### 3"}\n')
+    fails(train.main, args_for(train_file, tmp_path / "out", "--eval-data", other),
+          "--eval-data", "{question, ...}", "{prompt, ...}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Signals, a full disk, read-only folders: one line, the last checkpoint intact
+
+
+def test_a_signal_ends_the_run_in_one_line_and_it_resumes(part2_commands, train_file):
+    procs, root = part2_commands
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    for sig in sigs:  # each once a few checkpoints are written, both before either is checked
+        deadline = time.monotonic() + 120
+        while (log_size(root / sig.name) < 2000 and procs[sig].poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
+        procs[sig].send_signal(sig)
+    for sig in sigs:
+        proc, out = procs[sig], root / sig.name
+        line = error_of(proc)
+        assert proc.returncode == 128 + sig, proc.returncode
+        assert f"interrupted by {sig.name} at step " in line and "--resume continues" in line, line
+        saved = json.loads((out / "checkpoint" / "run.json").read_text())["step"]
+        assert f"{out / 'checkpoint'} (step {saved})" in line, line
+        train.main(args_for(train_file, out, "--iter-epochs", 400, "--save-every", 5, "--resume",
+                            "--stop-after", saved + 1))
+        steps = [json.loads(t)["step"] for t in (out / "log.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, saved + 2)), steps
+
+
+@pytest.mark.parametrize("name,file", [("state", "train_state.pt"),
+                                       ("weights", "model.safetensors")])
+def test_a_full_disk_is_one_line_at_the_failing_write(part2_commands, good, train_file, name,
+                                                      file):
+    procs, root = part2_commands
+    line = error_of(procs[name])
+    assert file in line and "File too large" in line, line
+    assert snapshot(root / name / "checkpoint") == snapshot(good / "checkpoint")
+    train.main(args_for(train_file, root / name, "--resume"))  # resumable once there is room
+
+
+def test_read_only_folders_are_noticed_before_training(good, train_file, tmp_path):
+    out = copy_run(good, tmp_path)
+    before = snapshot(out)
+    undo = read_only_folder(out / "checkpoint")
+    try:
+        fails(train.main, args_for(train_file, out, "--resume"), "checkpoint", "not writable")
+    finally:
+        undo()
+    undo = read_only_folder(out)
+    try:
+        fails(train.main, args_for(train_file, out, "--resume"), str(out), "not writable")
+    finally:
+        undo()
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The scripts check their flags at start; generate.py bounds its batch and its temperature
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.mark.parametrize("script,argv,flag", [
+    ("make_pairs", ["--init", "x", "--data", "y", "--out", "z", "--samples", "0"], "--samples"),
+    ("make_pairs", ["--init", "x", "--data", "y", "--out", ".", "--samples", "1"], "--out"),
+    ("make_pairs", ["--init", "x", "--data", "y", "--out", "z", "--batch-size", "-1"],
+     "--batch-size"),
+    ("study", ["--epochs", "0"], "--epochs"),
+    ("study", ["--train-size", "-5"], "--train-size"),
+    ("study", ["--out", __file__], "--out"),
+    ("worked_example", ["--rows", "0"], "--rows"),
+    ("worked_example", ["--beta", "2"], "--beta"),
+])
+def test_script_flags_are_checked_when_parsed(capsys, script, argv, flag):
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"{script}.py: error: argument {flag}")
+
+
+def test_cuda_without_cuda_is_refused_by_the_scripts(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    import study
+    with pytest.raises(SystemExit):
+        study.main(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_generate_bounds_num_samples_by_memory(good):
+    fails(generate.main, ["--init", str(good / "checkpoint"), "--num-samples", "100000000",
+                          "--max-new-tokens", "10"], "--num-samples 100000000", "GiB")
+
+
+def test_a_temperature_that_underflows_samples_the_argmax(good, capsys):
+    outs = []
+    for t in ("1e-45", "0"):
+        generate.main(["--init", str(good / "checkpoint"), "--prompt", "1+2=", "--temperature",
+                       t, "--seed", "0", "--max-new-tokens", "20"])
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "\0" not in outs[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. DPO and SPIN under --precision bf16 on a CPU, through train.py itself
+
+
+@pytest.mark.parametrize("method", ["dpo", "spin"])
+def test_preference_methods_train_in_bf16_on_a_cpu(train_file, tmp_path, method):
+    path = train_file
+    if method == "dpo":
+        path = tmp_path / "pairs.jsonl"
+        rows = [json.loads(t) for t in train_file.read_text().splitlines()]
+        path.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["response"],
+                                            "rejected": r["response"][::-1]}) + "\n"
+                                for r in rows))
+    train.main([*args_for(path, tmp_path / "out", "--method", method, "--iter-epochs", 1),
+                "--precision", "bf16"])
+    assert (tmp_path / "out" / "checkpoint" / "train_state.pt").exists()

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -512,6 +513,18 @@ def test_fsdp_stop_and_resume_is_exact(dist_runs, files):
     ids = torch.tensor([list(b"12+34-5=12+34=46,46-5=41 #### 41")])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, from_pretrained(out / "checkpoint")(ids), rtol=0, atol=1e-5)
+
+
+def test_a_two_process_run_is_not_resumed_in_one(dist_runs, files, tmp_path):
+    """Their floating-point sums differ: run.json records the world size and --resume compares it."""
+    two = check_dist_run(dist_runs, ("sft", 2))
+    out = tmp_path / "run"
+    shutil.copytree(two, out)
+    args = [*TINY, "--data", str(files[0]), "--out", str(out), "--batch-size", "8",
+            "--micro-batch-size", "2", *DIST_RUNS["sft"][0], "--resume"]
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert "world_size 1 (saved: 2)" in str(e.value.code), e.value.code
 
 
 def test_torchrun_with_eval_data_finishes(dist_runs):
