@@ -726,10 +726,11 @@ def test_deep_or_mistyped_config_is_one_line(good, tmp_path):
                                                 + ",", 1))
     fails(generate.main, ["--init", str(ck)], "config.json", "nested deeper")
     edit = json.loads(cfg)
-    edit["rope_theta"] = "10000"
+    edit["rope_theta"] = edit["rope_parameters"]["rope_theta"] = "10000"  # what is read
     (ck / "config.json").write_text(json.dumps(edit))
     fails(generate.main, ["--init", str(ck)], "config.json", "rope_theta is '10000'")
-    edit["rope_theta"], edit["tiktoken"] = 10000.0, ["bytes"]
+    edit["rope_theta"] = edit["rope_parameters"]["rope_theta"] = 10000.0
+    edit["tiktoken"] = ["bytes"]
     (ck / "config.json").write_text(json.dumps(edit))
     fails(generate.main, ["--init", str(ck)], "config.json", "unknown tiktoken ['bytes']")
 
