@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -638,8 +639,11 @@ def check_plan(args, n_rows, world) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None):
-    """Validation loss (SFT, token-weighted), exact match of final answers, ROUGE for summaries."""
+def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None, temperature=0.0,
+             samples=1, seed=0):
+    """Validation loss (SFT, token-weighted); exact match of final answers (strict: after '####';
+    accuracy_lenient also takes a reply's last number) and ROUGE for summaries, averaged over
+    `samples` generations (the paper's math: 3 at temperature 0.1), with accuracy_sd over them."""
     model.eval()
     total, count = 0.0, 0
     for k in range(0, len(rows), micro_batch):
@@ -649,15 +653,20 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
         count += sum(len(r.targets) for r in sft)
     out = {"val_loss": total / max(count, 1)}
     if any(r.answer is not None for r in rows) or task == "summarize":
-        texts = generate_answers(model, rows, tok, gen_batch, max_new_tokens)
-        scored = [(t, r) for t, r in zip(texts, rows) if r.answer is not None]
-        if scored:
-            out["accuracy"] = sum(extract_answer(t) == r.answer for t, r in scored) / len(scored)
+        runs = [generate_answers(model, rows, tok, gen_batch, max_new_tokens, temperature,
+                                 seed_for(seed, "eval", s)) for s in range(samples)]
+        n = sum(r.answer is not None for r in rows)
+        for name, strict in (("accuracy", True), ("accuracy_lenient", False)) if n else ():
+            acc = [sum(extract_answer(t, strict) == r.answer for t, r in zip(texts, rows)
+                       if r.answer is not None) / n for texts in runs]
+            out[name] = sum(acc) / samples
+            if strict and samples > 1:
+                out["accuracy_sd"] = statistics.stdev(acc)
         if task == "summarize":
-            scores = [rouge(t, r.reference) for t, r in zip(texts, rows)]
+            scores = [rouge(t, r.reference) for texts in runs for t, r in zip(texts, rows)]
             out.update({k: sum(s[k] for s in scores) / len(scores)
                         for k in ("rouge1", "rouge2", "rougeL")})
-        out["sample"] = texts[0]
+        out["sample"] = runs[0][0]
     model.train()
     return out
 
@@ -684,7 +693,8 @@ def evaluate_run(r: Run, state: dict, tag: str) -> dict:
     if r.eval_rows and r.rank == 0:
         a = r.args
         res = evaluate(r.raw, r.eval_rows, r.tok, r.task, a.micro_batch_size,
-                       a.build_batch_size, a.eval_max_new_tokens)
+                       a.build_batch_size, a.eval_max_new_tokens, a.eval_temperature,
+                       a.eval_samples, a.seed)
         log(r.out, {"step": state["step"], "phase": tag, **res})
     return from_rank0(res, r.world)
 
@@ -811,6 +821,10 @@ def get_args(argv=None):
                    help="evaluate every N steps (0: at the end of each phase)")
     g.add_argument("--eval-max-new-tokens", type=positive_int, default=None,
                    help="default: longest reference + 16")
+    g.add_argument("--eval-temperature", type=non_negative_float, default=0.0,
+                   help="0: greedy; the paper's math evaluation samples at 0.1")
+    g.add_argument("--eval-samples", type=positive_int, default=1,
+                   help="generations per evaluation (paper: 3), accuracy averaged over them")
     g.add_argument("--save-every", type=non_negative_int, default=0,
                    help="checkpoint every N steps (0: at the end of each phase)")
     g.add_argument("--resume", action="store_true",

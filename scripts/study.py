@@ -80,6 +80,10 @@ def get_args(argv=None):
                    help="rows per forward/backward (fewer: less padding on rows of mixed length)")
     g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="cap on generated answers and RAC's z (default: longest reference + 16)")
+    g.add_argument("--eval-temperature", type=float, default=0.0,
+                   help="0: greedy (the built-in tasks); the paper's math: 0.1")
+    g.add_argument("--eval-samples", type=positive_int, default=1,
+                   help="generations per evaluation, accuracy averaged (the paper's math: 3)")
     g = p.add_argument_group("warm-up (SFT from --init)")
     g.add_argument("--warmup-epochs", type=float, default=8.0, help="the first round")
     g.add_argument("--warmup-lr", type=float, default=2e-3, help="the first round's peak lr")
@@ -156,8 +160,8 @@ def common(data: dict, eval_split: str, out: Path, args, *extra) -> list[str]:
     return ["--data", str(data["train"]), "--eval-data", str(data[eval_split]),
             "--task", data["template"], "--overflow", "fail", "--batch-size", str(args.batch_size),
             "--micro-batch-size", str(args.micro_batch_size), "--device", args.device,
-            "--precision", args.precision,
-            "--out", str(out), *map(str, extra), *(map(str, cap) if args.max_new_tokens else [])]
+            "--precision", args.precision, "--eval-temperature", str(args.eval_temperature),
+            "--eval-samples", str(args.eval_samples), "--out", str(out), *map(str, extra), *(map(str, cap) if args.max_new_tokens else [])]
 
 
 def warm_up(folder: Path, data: dict, args) -> Path:
@@ -218,7 +222,8 @@ def evaluate_checkpoint(init: Path, data: dict, split: str, args) -> dict:
     tok, model = load_tokenizer(init), from_pretrained(init, device=args.device)
     task = data["template"]
     rows, _ = train.load_rows(data[split], tok, task, model.config.block_size, "fail", False)
-    res = train.evaluate(model, rows, tok, task, args.micro_batch_size, 256, args.max_new_tokens)
+    res = train.evaluate(model, rows, tok, task, args.micro_batch_size, 256, args.max_new_tokens,
+                         args.eval_temperature, args.eval_samples)
     return {k: v for k, v in res.items() if k != "sample"}
 
 
