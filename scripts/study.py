@@ -161,7 +161,8 @@ def common(data: dict, eval_split: str, out: Path, args, *extra) -> list[str]:
             "--task", data["template"], "--overflow", "fail", "--batch-size", str(args.batch_size),
             "--micro-batch-size", str(args.micro_batch_size), "--device", args.device,
             "--precision", args.precision, "--eval-temperature", str(args.eval_temperature),
-            "--eval-samples", str(args.eval_samples), "--out", str(out), *map(str, extra), *(map(str, cap) if args.max_new_tokens else [])]
+            "--eval-samples", str(args.eval_samples), "--out", str(out), *map(str, extra),
+            *(map(str, cap) if args.max_new_tokens else [])]
 
 
 def warm_up(folder: Path, data: dict, args) -> Path:

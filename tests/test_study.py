@@ -101,3 +101,62 @@ def test_chain_from_scratch_writes_reference_rows(tmp_path):
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
     results = json.loads((out / "test" / "chain.json").read_text())
     assert [r["label"] for r in results] == ["warm-up", "sft"]  # no pretrained row from scratch
+
+
+import map as study_map  # noqa: E402  (scripts/map.py)
+from data import byte_tokenizer  # noqa: E402
+
+
+def test_right_continuation_by_hand():
+    eos = study_map.EOS
+    right = study_map.right_continuation
+    # chain: the next step from the model's own result; after '####' the answer to x (5)
+    assert right("chain", "5+4-4=", "") == "5+4=9,"
+    assert right("chain", "5+4-4=", "5+4=8,") == "8-4=4 #### 5" + eos
+    assert right("chain", "5+4-4=", "5+4=8,8-") == "4=4 #### 5" + eos
+    assert right("chain", "5+4-4=", "5+4=8,9") is None  # left its own prefix: nothing is right
+    assert right("chain", "5+4-4=", "5+4=8,8-4=4 ####") == " 5" + eos
+    assert right("chain", "5+4-4=", "5+4=8,8-4=4 #### 5") == eos
+    # totals: each element is the running total of x, whatever came before
+    assert right("totals", "5+4-4=", "+4=8,") == "-4=5 #### 5" + eos
+    assert right("totals", "5+4-4=", "+4=8,-4=6 #### 5") == eos
+    assert right("totals", "5+4-4=", "+4=9,-4=5,") is None  # an element too many
+    assert right("totals", "5+4-4=", "+5") is None
+
+
+def test_label_precision_counts_right_corrections():
+    tok = byte_tokenizer()
+    enc = lambda s: list(s.encode())  # noqa: E731
+    x, z = enc("5+4-4="), enc("5+4=8,8-4=4 #### 4") + [tok.eos_id]
+    zbar = list(z)
+    marks = {}
+    for j, new, ok in ((4, "9", True), (6, "9", False), (10, "4", True), (17, "5", True),
+                       (9, "5", None)):  # (position, label, right?); None: prefix '...,8-4' ok
+        zbar[j], marks[j] = ord(new), ok
+    mask = [int(j in marks) for j in range(len(z))]
+    res = study_map.label_precision("chain", tok, [(x, z, zbar, mask)])
+    # position 9 follows '5+4=8,8-4': the right next token is '=', not '5' -> defined, wrong
+    assert res == {"label_precision": 3 / 5, "labels_defined_share": 1.0}
+
+
+def test_map_end_to_end_tiny(tmp_path):
+    out = tmp_path / "map"
+    study_map.main(["--tasks", "totals", "--seeds", "0", "--train-size", "16", "--dev-size", "4",
+                    "--test-size", "4", "--warmup-epochs", "2", "--n-layer", "1", "--n-embd", "32",
+                    "--batch-size", "8", "--micro-batch-size", "8", "--stage-fractions", "0.5",
+                    "--lrs", "1e-4", "--betas", "0.2", "--rac-temperatures", "1.0", "--out",
+                    str(out), "--to", str(tmp_path / "docs")])
+    state = json.loads((out / "totals.json").read_text())
+    assert state["stages"] == [1, 2] and [e for e, _ in state["curve"]] == [1, 2]
+    for e in (1, 2):  # each stage is the warm-up's own checkpoint after that epoch
+        assert (out / "totals" / "warmup" / f"epoch-{e}" / "model.safetensors").exists()
+    res = state["results"]
+    assert sorted(k for k in res if k.startswith("test")) == sorted(
+        f"test|{e}|{m}|0" for e in (1, 2) for m in ("sft", "bash", "rac"))
+    for c in state["cells"]:  # Δ is paired with continued SFT of the same stage and seed
+        if c["method"] != "sft":
+            sft = res[f"test|{c['stage']}|sft|0"]["accuracy"]
+            own = res[f"test|{c['stage']}|{c['method']}|0"]["accuracy"]
+            assert c["delta"][0] == pytest.approx(100 * (own - sft))
+    assert "label_precision" in res["test|2|rac|0"] and "differs_from_y_share" in res["test|2|bash|0"]
+    assert (tmp_path / "docs" / "map_totals.png").exists()
