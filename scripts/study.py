@@ -57,8 +57,17 @@ def get_args(argv=None):
                    help="one continuation of every method per seed, all from the same warm-up")
     p.add_argument("--methods", nargs="+", default=["sft", "bash", "rac"], choices=train.METHODS)
     p.add_argument("--preference", action="store_true",
-                   help="also DPO after continued SFT, DPO after RAC (pairs: the reference vs "
-                        "the model's own wrong answer) and SPIN, per seed")
+                   help="also DPO after continued SFT and after RAC, on one pair file built once "
+                        "from the warm-up (the reference vs its own wrong answer), and SPIN")
+    p.add_argument("--preference-grid", action="store_true",
+                   help="with --preference: DPO after SFT and SPIN at every --pref-lrs x "
+                        "--pref-betas (on --eval-split dev to pick --dpo-lr/--dpo-beta/...)")
+    p.add_argument("--pref-lrs", type=float, nargs="+", default=[1e-7, 5e-7, 3e-6])
+    p.add_argument("--pref-betas", type=float, nargs="+", default=[0.01, 0.1, 0.5])
+    p.add_argument("--dpo-lr", type=float, default=3e-6, help="DPO's own lr (not the SFT one)")
+    p.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's λ")
+    p.add_argument("--spin-lr", type=float, default=3e-6)
+    p.add_argument("--spin-beta", type=float, default=0.1, help="SPIN's λ")
     p.add_argument("--eval-split", default="test", choices=("dev", "test"))
     p.add_argument("--tune", action="store_true",
                    help="score on dev a grid of continuation lr, BASH beta and RAC temperature")
@@ -213,7 +222,8 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
     argv = common(data, eval_split, out, args, "--init", init, "--method", method, "--seed", seed,
                   "--lr", settings["lr"], "--iterations", settings["iterations"],
                   "--iter-epochs", settings["epochs"] / settings["iterations"],
-                  "--beta", settings["beta"], "--rac-temperature", settings["rac_temperature"])
+                  "--beta", settings["beta"], "--rac-temperature", settings["rac_temperature"],
+                  "--dpo-beta", settings.get("dpo_beta", 0.1))
     res, _ = train.run(train.get_args(argv))
     return {k: v for k, v in res.items() if k != "sample"}
 
@@ -245,20 +255,34 @@ def runs(args) -> list[tuple[str, dict]]:
 
 def preference_runs(folder: Path, data: dict, init: Path, seed_dir: Path, seed, settings,
                     split, args) -> list[tuple[str, dict]]:
-    """The paper's table 4 and its SPIN baseline: DPO from the continued-SFT and from the RAC
-    checkpoint of this seed, on pairs (chosen = the reference, rejected = that checkpoint's own
-    sample with a wrong final answer); SPIN from the warm-up for the same number of epochs."""
+    """The paper's table 4 and its SPIN baseline. As in the paper, one fixed pair set for every
+    initialisation: built once from the warm-up (chosen = the reference, rejected = its own
+    sample with a wrong final answer), then DPO from this seed's continued-SFT and RAC
+    checkpoints; SPIN from the warm-up for the same number of epochs. Each at its own lr and λ
+    (with --preference-grid: DPO after SFT and SPIN at every point of the grid)."""
+    pairs = folder / "data" / "pairs-warmup.jsonl"
+    if not pairs.exists():
+        make_pairs(init, data["train"], pairs, seed=0, task=data["template"], device=args.device)
+    n_pairs = len(pairs.read_text().splitlines())
+    own = lambda lr, beta: {**settings, "lr": lr, "dpo_beta": beta}  # noqa: E731
+    if args.preference_grid:
+        grid = [(f"(lr={lr:g}, λ={b:g})", own(lr, b)) for lr in args.pref_lrs
+                for b in args.pref_betas]
+        runs = [(f"dpo after sft {tag}", "sft", s) for tag, s in grid]
+        spins = [(f"spin {tag}", s) for tag, s in grid]
+    else:
+        runs = [(f"dpo after {base}", base, own(args.dpo_lr, args.dpo_beta))
+                for base in ("sft", "rac")]
+        spins = [("spin", own(args.spin_lr, args.spin_beta))]
     out = []
-    for base in ("sft", "rac"):
-        ckpt = seed_dir / base / "checkpoint"
-        pairs = folder / "data" / f"pairs-{split}-{seed_dir.name}-{base}.jsonl"
-        counts = make_pairs(ckpt, data["train"], pairs, seed=seed, task=data["template"],
-                            device=args.device)
-        res = continue_from(ckpt, {**data, "train": pairs}, seed_dir / f"dpo-after-{base}",
-                            "dpo", seed, settings, split, args)
-        out.append((f"dpo after {base}", {**res, "pairs": counts["pairs"]}))
-    out.append(("spin", continue_from(init, data, seed_dir / "spin", "spin", seed, settings,
-                                      split, args)))
+    for name, base, s in runs:
+        res = continue_from(seed_dir / base / "checkpoint", {**data, "train": pairs},
+                            seed_dir / name.replace(" ", "-"), "dpo", seed, s, split, args)
+        out.append((name, {**res, "pairs": n_pairs, "settings": s}))
+    for name, s in spins:
+        res = continue_from(init, data, seed_dir / name.replace(" ", "-"), "spin", seed, s, split,
+                            args)
+        out.append((name, {**res, "settings": s}))
     return out
 
 
@@ -297,12 +321,14 @@ COLUMNS = [("val loss", "val_loss", ".4f", 1), ("model-token share", "model_toke
 
 def table(task, results, seeds, split) -> str:
     """Markdown: mean ± 95 % interval over seeds; Δ = accuracy minus continued SFT's (at the
-    learning rate of the last run), seed by seed (paired: the same warm-up, seed, data order)."""
+    learning rate of the last SFT, BASH or RAC run), seed by seed (paired: the same warm-up,
+    seed, data order)."""
     head = ["method", "accuracy %", "Δ vs SFT (points)"] + [c[0] for c in COLUMNS]
     lines = [f"**{task}**, seeds {seeds}, exact match on the {split} split; mean ± 95 % interval",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    sft = {r["seed"]: r["accuracy"] for r in results if r["method"] == "sft" and
-           r["label"] != "warm-up" and r["settings"]["lr"] == results[-1]["settings"]["lr"]}
+    ours = [r for r in results if r["method"] in ("sft", "bash", "rac") and r["label"] != "warm-up"]
+    sft = {r["seed"]: r["accuracy"] for r in ours if r["method"] == "sft" and
+           r["settings"]["lr"] == ours[-1]["settings"]["lr"]}
     for name in dict.fromkeys(r["label"] for r in results):
         rs = [r for r in results if r["label"] == name]
         delta = [100 * (r["accuracy"] - sft[r["seed"]]) for r in rs if r["seed"] in sft]
@@ -362,7 +388,7 @@ def main(argv=None):
             for name, res in preference_runs(folder, data, init, root / task / f"seed{seed}",
                                              seed, base, split, args):
                 results.append({"task": task, "label": name, "method": name.split()[0],
-                                "seed": seed, "settings": base, **res})
+                                "seed": seed, **res})
                 save(root, task, results, args.seeds, split, t0)
         print(save(root, task, results, args.seeds, split, t0))
 

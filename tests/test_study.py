@@ -160,3 +160,32 @@ def test_map_end_to_end_tiny(tmp_path):
             assert c["delta"][0] == pytest.approx(100 * (own - sft))
     assert "label_precision" in res["test|2|rac|0"] and "differs_from_y_share" in res["test|2|bash|0"]
     assert (tmp_path / "docs" / "map_totals.png").exists()
+
+
+def test_preference_rows_share_one_pair_file_at_their_own_settings(tmp_path):
+    """Table 4's analogue: one pair file, built once from the warm-up, for DPO after continued
+    SFT and after RAC; DPO and SPIN at their own lr and λ, not the continuation's."""
+    import hashlib
+    out = tmp_path / "study"
+    study.main(["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
+                "--preference", "--dpo-lr", "1e-6", "--dpo-beta", "0.5", "--spin-lr", "2e-6",
+                "--spin-beta", "0.01", "--out", str(out), *TINY_SIZES])
+    pairs = sorted((out / "chain" / "data").glob("pairs*"))
+    assert [p.name for p in pairs] == ["pairs-warmup.jsonl"]
+    digest = hashlib.sha256(pairs[0].read_bytes()).hexdigest()
+    seed = out / "test" / "chain" / "seed0"
+    for name, base in (("dpo-after-sft", "sft"), ("dpo-after-rac", "rac")):
+        run = json.loads((seed / name / "checkpoint" / "run.json").read_text())["settings"]
+        assert (run["method"], run["lr"], run["dpo_beta"], run["data_sha256"]) == (
+            "dpo", 1e-6, 0.5, digest)
+        # the pairs' reference log-probs are the base checkpoint's: DPO started from it
+        saved = torch.load(seed / name / "checkpoint" / "train_state.pt", weights_only=True)
+        prompt, chosen, _, ref_chosen, _ = saved["offline"][0]
+        base_model = from_pretrained(seed / base / "checkpoint").eval()
+        with torch.no_grad():
+            logp, _ = train.sequence_logps(base_model, [prompt], [chosen], torch.device("cpu"))
+        assert logp.item() == pytest.approx(ref_chosen, rel=1e-4)
+    spin = json.loads((seed / "spin" / "checkpoint" / "run.json").read_text())["settings"]
+    assert (spin["method"], spin["lr"], spin["dpo_beta"]) == ("spin", 2e-6, 0.01)
+    labels = [r["label"] for r in json.loads((out / "test" / "chain.json").read_text())]
+    assert labels == ["warm-up", "sft", "bash", "rac", "dpo after sft", "dpo after rac", "spin"]
