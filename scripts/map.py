@@ -13,7 +13,7 @@ Per task (data.builtin_task, the study's splits and reference rows, scripts/stud
   4. on test, every method from every stage for every seed; paired Δ vs continued SFT (same
      stage, seed and data order) with 95 % t-intervals; the deviation statistics of each
      offline set; and RAC's label precision: the share of its corrections (z̄ != z) that are
-     right (right_continuation below says what "right" is on each task).
+     right (study.right_continuation says what "right" is on each task).
 
     python scripts/map.py                                  # both tasks, the README's sizes
     python scripts/map.py --tasks totals --seeds 0 1       # one task, fewer seeds
@@ -25,23 +25,17 @@ there); pictures to --to (docs/map_<task>.png), when matplotlib is installed.
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study  # noqa: E402
 import train  # noqa: E402
-from data import BUILTIN_FORMS, load_tokenizer  # noqa: E402
+from data import BUILTIN_FORMS  # noqa: E402
 from plumbing import device_name, positive_int  # noqa: E402
-
-EOS = "\0"  # stands for the end-of-text token in a continuation
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
@@ -126,83 +120,21 @@ def pick_stages(curve: list[tuple[int, float]], fractions) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# RAC's label precision
-
-
-def right_continuation(form: str, x: str, prefix: str) -> str | None:
-    """The rest of a right reply to x after the model's own prefix (EOS at its end), or None
-    where the prefix has left the reply's format so that no next token is right.
-
-    totals: each element '+b=T' is a function of x and its index alone: the element the prefix
-            is in, then the rest of the reference.
-    chain:  the right next step from the model's own prefix: element k is 'a+b=c' with a the
-            result the model wrote in element k-1 (x's first number for k = 0), the operator
-            and b from x, c = a +- b; after '####' the answer to x (what exact match scores).
-    """
-    nums, ops = [int(n) for n in re.findall(r"\d+", x)], re.findall(r"[+-]", x)
-    totals = [nums[0]]
-    for op, b in zip(ops, nums[1:]):
-        totals.append(totals[-1] + b if op == "+" else totals[-1] - b)
-    body, hashes, tail = prefix.partition(" ####")
-    if hashes:
-        full, written = f" #### {totals[-1]}", hashes + tail
-        return full[len(written):] + EOS if full.startswith(written) else None
-    *done, current = body.split(",")
-    k = len(done)
-    if k >= len(ops):
-        return None
-    if form == "chain":
-        found = re.fullmatch(r".*=(-?\d+)", done[-1]) if k else None
-        if k and not found:
-            return None
-        a = int(found[1]) if k else nums[0]
-        b = nums[k + 1]
-        element = f"{a}{ops[k]}{b}={a + b if ops[k] == '+' else a - b}"
-    else:
-        element = f"{ops[k]}{nums[k + 1]}={totals[k + 1]}"
-    full = element + ("," if k < len(ops) - 1 else f" #### {totals[-1]}{EOS}")
-    return full[len(current):] if full.startswith(current) else None
-
-
-def label_precision(form: str, tok, offline) -> dict:
-    """Of RAC's corrections (positions with z̄ != z): the share where the prefix allows a right
-    next token, and of those the share where z̄ is it."""
-    defined = right = corrected = 0
-    for prompt, z, zbar, mask, *_ in offline:
-        x = tok.decode(prompt)
-        for j, m in enumerate(mask):
-            if not m:
-                continue
-            corrected += 1
-            rest = right_continuation(form, x, tok.decode([t for t in z[:j] if t != tok.eos_id]))
-            if not rest:
-                continue
-            label = EOS if zbar[j] == tok.eos_id else tok.decode([zbar[j]])
-            defined += 1
-            right += bool(label) and rest.startswith(label)
-    return {"label_precision": right / defined if defined else None,
-            "labels_defined_share": defined / corrected if corrected else None}
-
-
-# ----------------------------------------------------------------------------------------------
 # Runs: the dev grid, then every cell on test
 
 
-def one_run(results, key, init: Path, data, out: Path, settings, split, task, args) -> dict:
+def one_run(results, key, init: Path, data, out: Path, settings, split, args) -> dict:
     """A continuation, or its result from an earlier call of the map (results[key])."""
     if key in results:
         return results[key]
     method = key.split("|")[2]
     res = study.continue_from(init, data, out, method, int(key.split("|")[3]), settings, split,
                               args)
-    if method == "rac":
-        saved = torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)
-        res.update(label_precision(task, load_tokenizer(init), saved["offline"]))
     results[key] = {**res, "settings": settings}
     return results[key]
 
 
-def tune(results, stage, init, data, folder, task, args) -> dict:
+def tune(results, stage, init, data, folder, args) -> dict:
     """Coordinate picks on dev, seed 0: SFT's lr; BASH's lr at the first β, then its β; RAC's
     lr at the first temperature, then its temperature. Returns {method: settings}."""
     base = {"epochs": args.epochs, "iterations": 1, "beta": args.betas[0],
@@ -214,7 +146,7 @@ def tune(results, stage, init, data, folder, task, args) -> dict:
             tag = f"lr{s['lr']:g}-b{s['beta']:g}-t{s['rac_temperature']:g}"
             key = f"dev|{stage}|{method}|0|{tag}"
             res = one_run(results, key, init, data, folder / "dev" / f"e{stage}" / method / tag,
-                          s, "dev", task, args)
+                          s, "dev", args)
             scored.append((res["accuracy"], -s["lr"], s))  # ties: the smaller lr
         return max(scored, key=lambda t: t[:2])[2]
     picks = {"sft": best("sft", [{**base, "lr": lr} for lr in args.lrs])}
@@ -301,7 +233,7 @@ def map_task(task, args):
     tuned = stages if args.tune_stages == "all" else sorted({stages[0], stages[-1]})
     picks = {}
     for e in tuned:
-        picks[e] = tune(results, e, ckpt(e), data, folder, task, args)
+        picks[e] = tune(results, e, ckpt(e), data, folder, args)
         save(root, task, state, t0)
     for seed in args.seeds:
         for e in stages:
@@ -310,7 +242,7 @@ def map_task(task, args):
                 key = f"test|{e}|{method}|{seed}"
                 print(f"{task}: stage {e}, {method}, seed {seed}", flush=True)
                 one_run(results, key, ckpt(e), data, folder / "test" / f"e{e}" / method /
-                        f"seed{seed}", picks[near][method], "test", task, args)
+                        f"seed{seed}", picks[near][method], "test", args)
                 save(root, task, state, t0)
     print(save(root, task, state, t0))
 

@@ -25,6 +25,7 @@ includes the warm-up unless it was already there.
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -34,10 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 from make_pairs import make_pairs  # noqa: E402
-from data import BUILTIN_FORMS, builtin_task, load_tokenizer  # noqa: E402
+from data import BUILTIN_FORMS, QA_REF, QA_SYSTEM, builtin_task, load_tokenizer  # noqa: E402
 from plumbing import device_name, positive_int  # noqa: E402
 from model import from_pretrained  # noqa: E402
 
+import torch  # noqa: E402
+
+EOS = "\0"  # stands for the end-of-text token in a right continuation
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262}  # two-sided 95 % quantiles of Student's t by degrees of freedom
 
@@ -48,6 +52,10 @@ def get_args(argv=None):
     p.add_argument("--tasks", nargs="+", default=["chain"], choices=BUILTIN_FORMS + ("gsm",),
                    help="built-in arithmetic (chain, totals), or gsm: the GSM-style math splits "
                         "of scripts/make_gsm.py in --gsm-dir, with the paper's math template")
+    p.add_argument("--template", default="arith", choices=("arith", "chat"),
+                   help="built-in tasks: arith (x as it is, f(x, y) = 'ref {y}\\n{x}'), or chat "
+                        "(x in a user turn of the model's chat template, f(x, y) the paper's "
+                        "QA_REF in a user turn after its QA system prompt)")
     p.add_argument("--init", default="scratch",
                    help="scratch: a small model from nothing; or a pretrained checkpoint folder "
                         "(scripts/fetch_smollm2.py writes one) that the warm-up starts from")
@@ -139,13 +147,33 @@ def write_splits(folder: Path, form, args) -> dict:
         if len(fresh) < n:
             sys.exit(f"error: --{name}-size {n}: only {len(fresh)} distinct new problems exist")
         splits[name] = [{"prompt": e.prompt, "response": e.response} for e in fresh[:n]]
-    splits["warmup"] = splits["train"] + [{"prompt": f"ref {r['response']}\n{r['prompt']}",
-                                           "response": r["response"]} for r in splits["train"]]
+    template = getattr(args, "template", "arith")
+    splits["warmup"] = [as_template(r, template) for r in splits["train"]] + [
+        reference_row(r["prompt"], r["response"], template) for r in splits["train"]]
     paths = {}
     for name, rows in splits.items():
         paths[name] = folder / f"{name}.jsonl"
         write_jsonl(paths[name], rows)
-    return {**paths, "template": "arith"}
+    return {**paths, "template": template, "form": form}
+
+
+def as_template(row: dict, template: str) -> dict:
+    """A training row in warmup.jsonl (one shape per file): as it is, or in chat's turns (read
+    as the chat task reads the prompt of a {prompt, response} row: one user turn)."""
+    if template == "arith":
+        return row
+    return {"messages": [{"role": "user", "content": row["prompt"]},
+                         {"role": "assistant", "content": row["response"]}]}
+
+
+def reference_row(x: str, y: str, template: str) -> dict:
+    """f(x, y) -> y, with f as the template's RAC reads it: arith's 'ref {y}\n{x}', or chat's:
+    the paper's QA system prompt and QA_REF (the question, then the reference) in a user turn."""
+    if template == "arith":
+        return {"prompt": f"ref {y}\n{x}", "response": y}
+    return {"messages": [{"role": "system", "content": QA_SYSTEM},
+                         {"role": "user", "content": QA_REF.format(x=x, y=y)},
+                         {"role": "assistant", "content": y}]}
 
 
 def gsm_splits(folder: Path, args) -> dict:
@@ -225,7 +253,11 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
                   "--beta", settings["beta"], "--rac-temperature", settings["rac_temperature"],
                   "--dpo-beta", settings.get("dpo_beta", 0.1))
     res, _ = train.run(train.get_args(argv))
-    return {k: v for k, v in res.items() if k != "sample"}
+    res = {k: v for k, v in res.items() if k != "sample"}
+    if method == "rac" and data.get("form") in BUILTIN_FORMS:  # the set it trained on
+        saved = torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)
+        res.update(label_precision(data["form"], load_tokenizer(init), saved["offline"]))
+    return res
 
 
 def evaluate_checkpoint(init: Path, data: dict, split: str, args) -> dict:
@@ -236,6 +268,65 @@ def evaluate_checkpoint(init: Path, data: dict, split: str, args) -> dict:
     res = train.evaluate(model, rows, tok, task, args.micro_batch_size, 256, args.max_new_tokens,
                          args.eval_temperature, args.eval_samples)
     return {k: v for k, v in res.items() if k != "sample"}
+
+
+# ----------------------------------------------------------------------------------------------
+# RAC's label precision (the built-in tasks)
+
+
+def right_continuation(form: str, x: str, prefix: str) -> str | None:
+    """The rest of a right reply to x after the model's own prefix (EOS at its end), or None
+    where the prefix has left the reply's format so that no next token is right.
+
+    totals: each element '+b=T' is a function of x and its index alone: the element the prefix
+            is in, then the rest of the reference.
+    chain:  the right next step from the model's own prefix: element k is 'a+b=c' with a the
+            result the model wrote in element k-1 (x's first number for k = 0), the operator
+            and b from x, c = a +- b; after '####' the answer to x (what exact match scores).
+    """
+    nums, ops = [int(n) for n in re.findall(r"\d+", x)], re.findall(r"[+-]", x)
+    totals = [nums[0]]
+    for op, b in zip(ops, nums[1:]):
+        totals.append(totals[-1] + b if op == "+" else totals[-1] - b)
+    body, hashes, tail = prefix.partition(" ####")
+    if hashes:
+        full, written = f" #### {totals[-1]}", hashes + tail
+        return full[len(written):] + EOS if full.startswith(written) else None
+    *done, current = body.split(",")
+    k = len(done)
+    if k >= len(ops):
+        return None
+    if form == "chain":
+        found = re.fullmatch(r".*=(-?\d+)", done[-1]) if k else None
+        if k and not found:
+            return None
+        a = int(found[1]) if k else nums[0]
+        b = nums[k + 1]
+        element = f"{a}{ops[k]}{b}={a + b if ops[k] == '+' else a - b}"
+    else:
+        element = f"{ops[k]}{nums[k + 1]}={totals[k + 1]}"
+    full = element + ("," if k < len(ops) - 1 else f" #### {totals[-1]}{EOS}")
+    return full[len(current):] if full.startswith(current) else None
+
+
+def label_precision(form: str, tok, offline) -> dict:
+    """Of RAC's corrections (positions with z̄ != z): the share where the prefix allows a right
+    next token, and of those the share where z̄ is it."""
+    defined = right = corrected = 0
+    for prompt, z, zbar, mask, *_ in offline:
+        x = tok.decode(prompt)
+        for j, m in enumerate(mask):
+            if not m:
+                continue
+            corrected += 1
+            rest = right_continuation(form, x, tok.decode([t for t in z[:j] if t != tok.eos_id]))
+            if not rest:
+                continue
+            label = EOS if zbar[j] == tok.eos_id else tok.decode([zbar[j]])
+            defined += 1
+            right += bool(label) and rest.startswith(label)
+    return {"label_precision": right / defined if defined else None,
+            "labels_defined_share": defined / corrected if corrected else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +407,7 @@ COLUMNS = [("val loss", "val_loss", ".4f", 1), ("model-token share", "model_toke
            ("differs from y", "differs_from_y_share", ".4f", 1),
            ("corrected share", "corrected_share", ".3f", 1),
            ("rows without correction", "rows_without_correction", ".0f", 1),
+           ("label precision", "label_precision", ".2f", 1),
            ("build s", "build_s", ".1f", 0), ("train s", "train_s", ".1f", 0)]  # 0: mean only
 
 
@@ -334,7 +426,7 @@ def table(task, results, seeds, split) -> str:
         delta = [100 * (r["accuracy"] - sft[r["seed"]]) for r in rs if r["seed"] in sft]
         cells = [name, fmt([r["accuracy"] for r in rs], ".1f", 100),
                  fmt(delta, "+.1f") if rs[0]["method"] not in ("sft", "none") else "-"]
-        cells += [fmt([r[key] for r in rs if key in r], spec, interval=ci)
+        cells += [fmt([r[key] for r in rs if r.get(key) is not None], spec, interval=ci)
                   for _, key, spec, ci in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     after = {name: {r["seed"]: r["accuracy"] for r in results if r["label"] == name}

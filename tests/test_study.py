@@ -108,8 +108,8 @@ from data import byte_tokenizer  # noqa: E402
 
 
 def test_right_continuation_by_hand():
-    eos = study_map.EOS
-    right = study_map.right_continuation
+    eos = study.EOS
+    right = study.right_continuation
     # chain: the next step from the model's own result; after '####' the answer to x (5)
     assert right("chain", "5+4-4=", "") == "5+4=9,"
     assert right("chain", "5+4-4=", "5+4=8,") == "8-4=4 #### 5" + eos
@@ -134,7 +134,7 @@ def test_label_precision_counts_right_corrections():
                        (9, "5", None)):  # (position, label, right?); None: prefix '...,8-4' ok
         zbar[j], marks[j] = ord(new), ok
     mask = [int(j in marks) for j in range(len(z))]
-    res = study_map.label_precision("chain", tok, [(x, z, zbar, mask)])
+    res = study.label_precision("chain", tok, [(x, z, zbar, mask)])
     # position 9 follows '5+4=8,8-4': the right next token is '=', not '5' -> defined, wrong
     assert res == {"label_precision": 3 / 5, "labels_defined_share": 1.0}
 
@@ -189,3 +189,27 @@ def test_preference_rows_share_one_pair_file_at_their_own_settings(tmp_path):
     assert (spin["method"], spin["lr"], spin["dpo_beta"]) == ("spin", 2e-6, 0.01)
     labels = [r["label"] for r in json.loads((out / "test" / "chain.json").read_text())]
     assert labels == ["warm-up", "sft", "bash", "rac", "dpo after sft", "dpo after rac", "spin"]
+
+
+def test_chat_template_reference_rows_are_the_rac_prompts(tmp_path):
+    """--template chat: the warm-up's reference rows f(x, y) -> y are the paper's QA_REF in a
+    user turn after its system prompt, token for token the f(x, y) that RAC's labeller reads."""
+    args = study.get_args(["--template", "chat", "--train-size", "3", "--dev-size", "2",
+                           "--test-size", "2"])
+    data = study.write_splits(tmp_path / "data", "chain", args)
+    assert (data["template"], data["form"]) == ("chat", "chain")
+    tok = train.byte_tokenizer()
+    train_rows, _ = train.load_rows(data["train"], tok, "chat", 512, "fail", True)
+    warm, _ = train.load_rows(data["warmup"], tok, "chat", 512, "fail", False)
+    assert len(warm) == 6
+    for row, own in zip(train_rows, warm[:3]):  # the training rows: x in one user turn
+        assert (own.prompt, own.response) == (row.prompt, row.response)
+    lines = [json.loads(line) for line in data["train"].read_text().splitlines()]
+    for row, ref, line in zip(train_rows, warm[3:], lines):
+        assert ref.prompt == row.ref_prompt and ref.response == row.response
+        turn = lambda role, text: tok.encode(f"<|{role}|>\n{text}") + [tok.eos_id] + tok.encode("\n")  # noqa
+        question = (f"{line['prompt']}\nAnswer this question based on the following reference "
+                    f"response: {line['response']}")
+        assert ref.prompt == (turn("system", study.QA_SYSTEM) + turn("user", question)
+                              + tok.encode("<|assistant|>\n"))  # the zephyr-style tags, by hand
+    assert all(r.answer is not None for r in train_rows)  # '#### n' is still scored
