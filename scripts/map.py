@@ -72,6 +72,10 @@ def get_args(argv=None):
     g.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3])
     g.add_argument("--betas", type=float, nargs="+", default=[0.2, 0.5])
     g.add_argument("--rac-temperatures", type=float, nargs="+", default=[1.0, 0.5])
+    g.add_argument("--grid", default="coordinate", choices=("coordinate", "sft-lr"),
+                   help="coordinate: each method's lr, then BASH's β and RAC's temperature; "
+                        "sft-lr: SFT's lr only, which every method then uses, with the first "
+                        "--betas and --rac-temperatures")
     g.add_argument("--tune-stages", default="ends", choices=("ends", "all"),
                    help="ends: the grid at the lowest and the highest stage only")
     return p.parse_args(argv)
@@ -135,8 +139,9 @@ def one_run(results, key, init: Path, data, out: Path, settings, split, args) ->
 
 
 def tune(results, stage, init, data, folder, args) -> dict:
-    """Coordinate picks on dev, seed 0: SFT's lr; BASH's lr at the first β, then its β; RAC's
-    lr at the first temperature, then its temperature. Returns {method: settings}."""
+    """Picks on dev, seed 0: SFT's lr; then (--grid coordinate) BASH's lr at the first β, then
+    its β, and RAC's lr at the first temperature, then its temperature. Returns {method:
+    settings}."""
     base = {"epochs": args.epochs, "iterations": 1, "beta": args.betas[0],
             "rac_temperature": args.rac_temperatures[0]}
 
@@ -150,6 +155,8 @@ def tune(results, stage, init, data, folder, args) -> dict:
             scored.append((res["accuracy"], -s["lr"], s))  # ties: the smaller lr
         return max(scored, key=lambda t: t[:2])[2]
     picks = {"sft": best("sft", [{**base, "lr": lr} for lr in args.lrs])}
+    if args.grid == "sft-lr":
+        return {m: picks["sft"] for m in ("sft", "bash", "rac")}
     s = best("bash", [{**base, "lr": lr} for lr in args.lrs])
     picks["bash"] = best("bash", [{**s, "beta": b} for b in args.betas])
     s = best("rac", [{**base, "lr": lr} for lr in args.lrs])

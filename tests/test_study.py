@@ -144,8 +144,8 @@ def test_map_end_to_end_tiny(tmp_path):
     study_map.main(["--tasks", "totals", "--seeds", "0", "--train-size", "16", "--dev-size", "4",
                     "--test-size", "4", "--warmup-epochs", "2", "--n-layer", "1", "--n-embd", "32",
                     "--batch-size", "8", "--micro-batch-size", "8", "--stage-fractions", "0.5",
-                    "--lrs", "1e-4", "--betas", "0.2", "--rac-temperatures", "1.0", "--out",
-                    str(out), "--to", str(tmp_path / "docs")])
+                    "--lrs", "1e-4", "3e-4", "--grid", "sft-lr", "--betas", "0.2",
+                    "--rac-temperatures", "1.0", "--out", str(out), "--to", str(tmp_path / "docs")])
     state = json.loads((out / "totals.json").read_text())
     assert state["stages"] == [1, 2] and [e for e, _ in state["curve"]] == [1, 2]
     for e in (1, 2):  # each stage is the warm-up's own checkpoint after that epoch
@@ -158,6 +158,10 @@ def test_map_end_to_end_tiny(tmp_path):
             sft = res[f"test|{c['stage']}|sft|0"]["accuracy"]
             own = res[f"test|{c['stage']}|{c['method']}|0"]["accuracy"]
             assert c["delta"][0] == pytest.approx(100 * (own - sft))
+    for e in (1, 2):  # --grid sft-lr: SFT's lr picked on dev (ties: the smaller), for all three
+        dev = {lr: res[f"dev|{e}|sft|0|lr{lr:g}-b0.2-t1"]["accuracy"] for lr in (1e-4, 3e-4)}
+        picked = 3e-4 if dev[3e-4] > dev[1e-4] else 1e-4
+        assert {res[f"test|{e}|{m}|0"]["settings"]["lr"] for m in ("sft", "bash", "rac")} == {picked}
     assert "label_precision" in res["test|2|rac|0"] and "differs_from_y_share" in res["test|2|bash|0"]
     assert (tmp_path / "docs" / "map_totals.png").exists()
 
