@@ -11,8 +11,9 @@ Everything runs on a CPU with nothing to download. Per task (data.builtin_task):
      final answer (greedy) on the test split, or on dev with --eval-split dev (for --tune).
 
     python scripts/study.py                                    # the main job: chain task, seed 0
-    python scripts/study.py --tasks chain totals --seeds 0 1 2 3 4       # the 5-seed study
-    python scripts/study.py --tune --tasks chain totals        # the dev grid the settings came from
+    python scripts/study.py --tasks chain totals --seeds 0 1 2 3 4       # five seeds
+    python scripts/study.py --tune --tasks chain totals        # the dev grid
+    python scripts/map.py                  # the map: the same from several warm-up stages
 
 With --init a pretrained checkpoint (scripts/fetch_smollm2.py writes SmolLM2-135M-Instruct), the
 warm-up is SFT from it instead of from nothing, and the table opens with the checkpoint's own
@@ -86,7 +87,9 @@ def get_args(argv=None):
                    help="training forwards (train.py --precision): auto = bf16 on CUDA, fp32 on "
                         "a CPU; bf16 halves SmolLM2's CPU steps")
     g = p.add_argument_group("data")
-    g.add_argument("--train-size", type=int, default=2000)
+    g.add_argument("--train-size", type=int, default=1000,
+                   help="1,000 keeps the main job within 10 minutes; the README's 5-seed tables "
+                        "used 2,000")
     g.add_argument("--dev-size", type=int, default=500)
     g.add_argument("--test-size", type=int, default=1000)
     g.add_argument("--terms", type=int, nargs=2, default=[4, 7], help="numbers per problem")
