@@ -4,12 +4,13 @@ warm-up checkpoints at several stages, from a model that deviates often up to th
 Per task (data.builtin_task, the study's splits and reference rows, scripts/study.py):
   1. one warm-up: SFT from scratch for --warmup-epochs under one cosine schedule, evaluated on
      dev and saved after every epoch (<out>/<task>/warmup/epoch-N);
-  2. --stages checkpoints from it: the last epoch (the plateau) and the epochs whose dev
+  2. the stages: the last epoch (the end of the schedule) and the epochs whose dev
      accuracy is nearest to --stage-fractions of the last one's;
-  3. at the stages of --tune-stages, a small dev grid: the continuation lr for SFT (--lrs),
-     then for BASH the lr and β (--betas), for RAC the lr and z's temperature
-     (--rac-temperatures), each coordinate picked by dev accuracy; a stage without a grid
-     takes the picks of the nearest tuned stage;
+  3. at the stages of --tune-stages (default: the lowest and the highest), a small dev grid:
+     SFT's continuation lr (--lrs), which every method then uses with the first --betas and
+     --rac-temperatures (--grid sft-lr, what the compute allowed); or, --grid coordinate,
+     each method's own lr, then BASH's β and RAC's z temperature, each picked by dev accuracy;
+     a stage without a grid takes the picks of the nearest tuned stage;
   4. on test, every method from every stage for every seed; paired Δ vs continued SFT (same
      stage, seed and data order) with 95 % t-intervals; the deviation statistics of each
      offline set; and RAC's label precision: the share of its corrections (z̄ != z) that are
@@ -72,7 +73,7 @@ def get_args(argv=None):
     g.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3])
     g.add_argument("--betas", type=float, nargs="+", default=[0.2, 0.5])
     g.add_argument("--rac-temperatures", type=float, nargs="+", default=[1.0, 0.5])
-    g.add_argument("--grid", default="coordinate", choices=("coordinate", "sft-lr"),
+    g.add_argument("--grid", default="sft-lr", choices=("coordinate", "sft-lr"),
                    help="coordinate: each method's lr, then BASH's β and RAC's temperature; "
                         "sft-lr: SFT's lr only, which every method then uses, with the first "
                         "--betas and --rac-temperatures")
