@@ -272,11 +272,15 @@ def plot(task, state, to: Path):
         ax.plot(x, mean, "o-", c=f"C{i}", label=f"{method.upper()} − continued SFT")
         ax.fill_between(x, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
                         color=f"C{i}", alpha=0.2)
+        for xi, mi, c in zip(x, mean, cs):  # RAC's label precision beside its Δ
+            if c.get("label_precision"):
+                ax.annotate(f"precision {c['label_precision'][0]:.2f}", (xi, mi), fontsize=8,
+                            textcoords="offset points", xytext=(4, -12), color=f"C{i}")
     ax.axhline(0, c="0.5", lw=0.8)
     ax.set_xlabel("test accuracy of the warm-up checkpoint the continuation starts from (%)")
     ax.set_ylabel("paired Δ test accuracy (points)")
-    ax.set_title(f"{task}: Δ vs continued SFT, mean ± 95 % interval over "
-                 f"{len(state['seeds'])} seeds")
+    seeds = max(len(c["seeds"]) for c in state["cells"])
+    ax.set_title(f"{task}: Δ vs continued SFT, mean ± 95 % interval over {seeds} seeds")
     ax.legend()
     fig.tight_layout()
     to.mkdir(parents=True, exist_ok=True)
