@@ -396,11 +396,13 @@ def builtin_task(n: int, seed: int, terms: tuple[int, int] = (3, 5), digits: int
 # Evaluation: exact match on final answers, ROUGE F1 on summaries.
 
 
-def extract_answer(text: str) -> str | None:
-    """GSM8K style: what follows the last '####'; else the last number in the text."""
+def extract_answer(text: str, strict: bool = True) -> str | None:
+    """GSM8K's strict match: the number right after the last '####' (None without one). Not
+    strict: that, else the last number in the text (a laxer score, reported apart)."""
     if "####" in text:
-        return text.rsplit("####", 1)[1].strip().replace(",", "") or None
-    nums = re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", text)
+        found = re.match(r"\s*(-?\d[\d,]*(?:\.\d+)?)", text.rsplit("####", 1)[1])
+        return found[1].replace(",", "") if found else None
+    nums = [] if strict else re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", text)
     return nums[-1].replace(",", "") if nums else None
 
 

@@ -574,7 +574,7 @@ RUN_ENTRIES = ("checkpoint", "checkpoint.old", "log.jsonl")  # any of these: the
 # compared on --resume (the model, tokenizer and data are compared by content instead of path).
 NOT_COMPARED = {"out", "device", "eval_every", "save_every", "stop_after", "resume", "overwrite",
                 "resume_with_new_settings", "build_batch_size", "eval_data", "eval_max_new_tokens",
-                "init", "data", "activation_checkpointing",
+                "eval_temperature", "eval_samples", "init", "data", "activation_checkpointing",
                 "build_memory_gb"}
 
 

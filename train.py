@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -723,10 +724,12 @@ def check_plan(args, n_rows, world) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None,
-             precision="auto"):
-    """Validation loss (SFT, token-weighted, fp32), exact match of final answers, ROUGE for
-    summaries; answers decoded in `precision`."""
+def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None, temperature=0.0,
+             samples=1, seed=0, precision="auto"):
+    """Validation loss (SFT, token-weighted, fp32); exact match of final answers (strict: after
+    '####'; accuracy_lenient also takes a reply's last number) and ROUGE for summaries, averaged
+    over `samples` generations (the paper's math: 3 at temperature 0.1), with accuracy_sd over
+    them; answers decoded in `precision`."""
     model.eval()
     total, count = 0.0, 0
     for k in range(0, len(rows), micro_batch):
@@ -736,16 +739,20 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
         count += sum(len(r.targets) for r in sft)
     out = {"val_loss": total / max(count, 1)}
     if any(r.answer is not None for r in rows) or task == "summarize":
-        texts = generate_answers(model, rows, tok, gen_batch, max_new_tokens,
-                                 precision=precision)
-        scored = [(t, r) for t, r in zip(texts, rows) if r.answer is not None]
-        if scored:
-            out["accuracy"] = sum(extract_answer(t) == r.answer for t, r in scored) / len(scored)
+        runs = [generate_answers(model, rows, tok, gen_batch, max_new_tokens, temperature,
+                                 seed_for(seed, "eval", s), precision) for s in range(samples)]
+        n = sum(r.answer is not None for r in rows)
+        for name, strict in (("accuracy", True), ("accuracy_lenient", False)) if n else ():
+            acc = [sum(extract_answer(t, strict) == r.answer for t, r in zip(texts, rows)
+                       if r.answer is not None) / n for texts in runs]
+            out[name] = sum(acc) / samples
+            if strict and samples > 1:
+                out["accuracy_sd"] = statistics.stdev(acc)
         if task == "summarize":
-            scores = [rouge(t, r.reference) for t, r in zip(texts, rows)]
+            scores = [rouge(t, r.reference) for texts in runs for t, r in zip(texts, rows)]
             out.update({k: sum(s[k] for s in scores) / len(scores)
                         for k in ("rouge1", "rouge2", "rougeL")})
-        out["sample"] = texts[0]
+        out["sample"] = runs[0][0]
     model.train()
     return out
 
@@ -777,7 +784,8 @@ def evaluate_run(r: Run, state: dict, tag: str) -> dict:
         batch = fitting_batch(r.raw, r.eval_rows, a.build_batch_size, new, a.precision,
                               a.build_memory_gb)
         res = evaluate(model, r.eval_rows, r.tok, r.task, a.micro_batch_size, batch,
-                       a.eval_max_new_tokens, a.precision)
+                       a.eval_max_new_tokens, a.eval_temperature, a.eval_samples, a.seed,
+                       a.precision)
         log(r.out, {"step": state["step"], "phase": tag, **res})
     return from_rank0(res, r.world)
 
@@ -924,6 +932,10 @@ def get_args(argv=None):
                    help="evaluate every N steps (0: at the end of each phase)")
     g.add_argument("--eval-max-new-tokens", type=positive_int, default=None,
                    help="default: longest reference + 16")
+    g.add_argument("--eval-temperature", type=non_negative_float, default=0.0,
+                   help="0: greedy; the paper's math evaluation samples at 0.1")
+    g.add_argument("--eval-samples", type=positive_int, default=1,
+                   help="generations per evaluation (paper: 3), accuracy averaged over them")
     g.add_argument("--save-every", type=non_negative_int, default=0,
                    help="checkpoint every N steps (0: at the end of each phase)")
     g.add_argument("--resume", action="store_true",

@@ -11,8 +11,9 @@ Everything runs on a CPU with nothing to download. Per task (data.builtin_task):
      final answer (greedy) on the test split, or on dev with --eval-split dev (for --tune).
 
     python scripts/study.py                                    # the main job: chain task, seed 0
-    python scripts/study.py --tasks chain totals --seeds 0 1 2 3 4       # the 5-seed study
-    python scripts/study.py --tune --tasks chain totals        # the dev grid the settings came from
+    python scripts/study.py --tasks chain totals --seeds 0 1 2 3 4       # five seeds
+    python scripts/study.py --tune --tasks chain totals        # the dev grid
+    python scripts/map.py                  # the map: the same from several warm-up stages
 
 With --init a pretrained checkpoint (scripts/fetch_smollm2.py writes SmolLM2-135M-Instruct), the
 warm-up is SFT from it instead of from nothing, and the table opens with the checkpoint's own
@@ -25,6 +26,7 @@ includes the warm-up unless it was already there.
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -34,11 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 from make_pairs import make_pairs  # noqa: E402
-from data import BUILTIN_FORMS, builtin_task, load_tokenizer  # noqa: E402
+from data import BUILTIN_FORMS, QA_REF, QA_SYSTEM, builtin_task, load_tokenizer  # noqa: E402
 from plumbing import (EXPECTED, device_name, error_line, fraction, non_negative_float,  # noqa: E402
                       non_negative_int, out_folder, positive_float, positive_int)
 from model import from_pretrained  # noqa: E402
 
+import torch  # noqa: E402
+
+EOS = "\0"  # stands for the end-of-text token in a right continuation
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262}  # two-sided 95 % quantiles of Student's t by degrees of freedom
 
@@ -49,6 +54,10 @@ def get_args(argv=None):
     p.add_argument("--tasks", nargs="+", default=["chain"], choices=BUILTIN_FORMS + ("gsm",),
                    help="built-in arithmetic (chain, totals), or gsm: the GSM-style math splits "
                         "of scripts/make_gsm.py in --gsm-dir, with the paper's math template")
+    p.add_argument("--template", default="arith", choices=("arith", "chat"),
+                   help="built-in tasks: arith (x as it is, f(x, y) = 'ref {y}\\n{x}'), or chat "
+                        "(x in a user turn of the model's chat template, f(x, y) the paper's "
+                        "QA_REF in a user turn after its QA system prompt)")
     p.add_argument("--init", default="scratch",
                    help="scratch: a small model from nothing; or a pretrained checkpoint folder "
                         "(scripts/fetch_smollm2.py writes one) that the warm-up starts from")
@@ -58,8 +67,17 @@ def get_args(argv=None):
                    help="one continuation of every method per seed, all from the same warm-up")
     p.add_argument("--methods", nargs="+", default=["sft", "bash", "rac"], choices=train.METHODS)
     p.add_argument("--preference", action="store_true",
-                   help="also DPO after continued SFT, DPO after RAC (pairs: the reference vs "
-                        "the model's own wrong answer) and SPIN, per seed")
+                   help="also DPO after continued SFT and after RAC, on one pair file built once "
+                        "from the warm-up (the reference vs its own wrong answer), and SPIN")
+    p.add_argument("--preference-grid", action="store_true",
+                   help="with --preference: DPO after SFT and SPIN at every --pref-lrs x "
+                        "--pref-betas (on --eval-split dev to pick --dpo-lr/--dpo-beta/...)")
+    p.add_argument("--pref-lrs", type=positive_float, nargs="+", default=[1e-7, 5e-7, 3e-6])
+    p.add_argument("--pref-betas", type=positive_float, nargs="+", default=[0.01, 0.1, 0.5])
+    p.add_argument("--dpo-lr", type=positive_float, default=3e-6, help="DPO's own lr (not the SFT one)")
+    p.add_argument("--dpo-beta", type=positive_float, default=0.1, help="DPO's λ")
+    p.add_argument("--spin-lr", type=positive_float, default=3e-6)
+    p.add_argument("--spin-beta", type=positive_float, default=0.1, help="SPIN's λ")
     p.add_argument("--eval-split", default="test", choices=("dev", "test"))
     p.add_argument("--tune", action="store_true",
                    help="score on dev a grid of continuation lr, BASH beta and RAC temperature")
@@ -70,7 +88,9 @@ def get_args(argv=None):
                    help="training forwards (train.py --precision): auto = bf16 on CUDA, fp32 on "
                         "a CPU; bf16 halves SmolLM2's CPU steps")
     g = p.add_argument_group("data")
-    g.add_argument("--train-size", type=positive_int, default=2000)
+    g.add_argument("--train-size", type=positive_int, default=1000,
+                   help="1,000 keeps the main job within 10 minutes; the README's 5-seed tables "
+                        "used 2,000")
     g.add_argument("--dev-size", type=positive_int, default=500)
     g.add_argument("--test-size", type=positive_int, default=1000)
     g.add_argument("--terms", type=positive_int, nargs=2, default=[4, 7], help="numbers per problem")
@@ -81,6 +101,10 @@ def get_args(argv=None):
                    help="rows per forward/backward (fewer: less padding on rows of mixed length)")
     g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="cap on generated answers and RAC's z (default: longest reference + 16)")
+    g.add_argument("--eval-temperature", type=non_negative_float, default=0.0,
+                   help="0: greedy (the built-in tasks); the paper's math: 0.1")
+    g.add_argument("--eval-samples", type=positive_int, default=1,
+                   help="generations per evaluation, accuracy averaged (the paper's math: 3)")
     g = p.add_argument_group("warm-up (SFT from --init)")
     g.add_argument("--warmup-epochs", type=positive_float, default=8.0, help="the first round")
     g.add_argument("--warmup-lr", type=positive_float, default=2e-3, help="the first round's peak lr")
@@ -127,13 +151,33 @@ def write_splits(folder: Path, form, args) -> dict:
         if len(fresh) < n:
             sys.exit(f"error: --{name}-size {n}: only {len(fresh)} distinct new problems exist")
         splits[name] = [{"prompt": e.prompt, "response": e.response} for e in fresh[:n]]
-    splits["warmup"] = splits["train"] + [{"prompt": f"ref {r['response']}\n{r['prompt']}",
-                                           "response": r["response"]} for r in splits["train"]]
+    template = getattr(args, "template", "arith")
+    splits["warmup"] = [as_template(r, template) for r in splits["train"]] + [
+        reference_row(r["prompt"], r["response"], template) for r in splits["train"]]
     paths = {}
     for name, rows in splits.items():
         paths[name] = folder / f"{name}.jsonl"
         write_jsonl(paths[name], rows)
-    return {**paths, "template": "arith"}
+    return {**paths, "template": template, "form": form}
+
+
+def as_template(row: dict, template: str) -> dict:
+    """A training row in warmup.jsonl (one shape per file): as it is, or in chat's turns (read
+    as the chat task reads the prompt of a {prompt, response} row: one user turn)."""
+    if template == "arith":
+        return row
+    return {"messages": [{"role": "user", "content": row["prompt"]},
+                         {"role": "assistant", "content": row["response"]}]}
+
+
+def reference_row(x: str, y: str, template: str) -> dict:
+    """f(x, y) -> y, with f as the template's RAC reads it: arith's 'ref {y}\n{x}', or chat's:
+    the paper's QA system prompt and QA_REF (the question, then the reference) in a user turn."""
+    if template == "arith":
+        return {"prompt": f"ref {y}\n{x}", "response": y}
+    return {"messages": [{"role": "system", "content": QA_SYSTEM},
+                         {"role": "user", "content": QA_REF.format(x=x, y=y)},
+                         {"role": "assistant", "content": y}]}
 
 
 def gsm_splits(folder: Path, args) -> dict:
@@ -157,8 +201,9 @@ def common(data: dict, eval_split: str, out: Path, args, *extra) -> list[str]:
     return ["--data", str(data["train"]), "--eval-data", str(data[eval_split]),
             "--task", data["template"], "--overflow", "fail", "--batch-size", str(args.batch_size),
             "--micro-batch-size", str(args.micro_batch_size), "--device", args.device,
-            "--precision", args.precision,
-            "--out", str(out), *map(str, extra), *(map(str, cap) if args.max_new_tokens else [])]
+            "--precision", args.precision, "--eval-temperature", str(args.eval_temperature),
+            "--eval-samples", str(args.eval_samples), "--out", str(out), *map(str, extra),
+            *(map(str, cap) if args.max_new_tokens else [])]
 
 
 def warm_up(folder: Path, data: dict, args) -> Path:
@@ -209,9 +254,14 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
     argv = common(data, eval_split, out, args, "--init", init, "--method", method, "--seed", seed,
                   "--lr", settings["lr"], "--iterations", settings["iterations"],
                   "--iter-epochs", settings["epochs"] / settings["iterations"],
-                  "--beta", settings["beta"], "--rac-temperature", settings["rac_temperature"])
+                  "--beta", settings["beta"], "--rac-temperature", settings["rac_temperature"],
+                  "--dpo-beta", settings.get("dpo_beta", 0.1))
     res, _ = train.run(train.get_args(argv))
-    return {k: v for k, v in res.items() if k != "sample"}
+    res = {k: v for k, v in res.items() if k != "sample"}
+    if method == "rac" and data.get("form") in BUILTIN_FORMS:  # the set it trained on
+        saved = torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)
+        res.update(label_precision(data["form"], load_tokenizer(init), saved["offline"]))
+    return res
 
 
 def evaluate_checkpoint(init: Path, data: dict, split: str, args) -> dict:
@@ -219,8 +269,68 @@ def evaluate_checkpoint(init: Path, data: dict, split: str, args) -> dict:
     tok, model = load_tokenizer(init), from_pretrained(init, device=args.device)
     task = data["template"]
     rows, _ = train.load_rows(data[split], tok, task, model.config.block_size, "fail", False)
-    res = train.evaluate(model, rows, tok, task, args.micro_batch_size, 256, args.max_new_tokens)
+    res = train.evaluate(model, rows, tok, task, args.micro_batch_size, 256, args.max_new_tokens,
+                         args.eval_temperature, args.eval_samples)
     return {k: v for k, v in res.items() if k != "sample"}
+
+
+# ----------------------------------------------------------------------------------------------
+# RAC's label precision (the built-in tasks)
+
+
+def right_continuation(form: str, x: str, prefix: str) -> str | None:
+    """The rest of a right reply to x after the model's own prefix (EOS at its end), or None
+    where the prefix has left the reply's format so that no next token is right.
+
+    totals: each element '+b=T' is a function of x and its index alone: the element the prefix
+            is in, then the rest of the reference.
+    chain:  the right next step from the model's own prefix: element k is 'a+b=c' with a the
+            result the model wrote in element k-1 (x's first number for k = 0), the operator
+            and b from x, c = a +- b; after '####' the answer to x (what exact match scores).
+    """
+    nums, ops = [int(n) for n in re.findall(r"\d+", x)], re.findall(r"[+-]", x)
+    totals = [nums[0]]
+    for op, b in zip(ops, nums[1:]):
+        totals.append(totals[-1] + b if op == "+" else totals[-1] - b)
+    body, hashes, tail = prefix.partition(" ####")
+    if hashes:
+        full, written = f" #### {totals[-1]}", hashes + tail
+        return full[len(written):] + EOS if full.startswith(written) else None
+    *done, current = body.split(",")
+    k = len(done)
+    if k >= len(ops):
+        return None
+    if form == "chain":
+        found = re.fullmatch(r".*=(-?\d+)", done[-1]) if k else None
+        if k and not found:
+            return None
+        a = int(found[1]) if k else nums[0]
+        b = nums[k + 1]
+        element = f"{a}{ops[k]}{b}={a + b if ops[k] == '+' else a - b}"
+    else:
+        element = f"{ops[k]}{nums[k + 1]}={totals[k + 1]}"
+    full = element + ("," if k < len(ops) - 1 else f" #### {totals[-1]}{EOS}")
+    return full[len(current):] if full.startswith(current) else None
+
+
+def label_precision(form: str, tok, offline) -> dict:
+    """Of RAC's corrections (positions with z̄ != z): the share where the prefix allows a right
+    next token, and of those the share where z̄ is it."""
+    defined = right = corrected = 0
+    for prompt, z, zbar, mask, *_ in offline:
+        x = tok.decode(prompt)
+        for j, m in enumerate(mask):
+            if not m:
+                continue
+            corrected += 1
+            rest = right_continuation(form, x, tok.decode([t for t in z[:j] if t != tok.eos_id]))
+            if not rest:
+                continue
+            label = EOS if zbar[j] == tok.eos_id else tok.decode([zbar[j]])
+            defined += 1
+            right += bool(label) and rest.startswith(label)
+    return {"label_precision": right / defined if defined else None,
+            "labels_defined_share": defined / corrected if corrected else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,20 +350,34 @@ def runs(args) -> list[tuple[str, dict]]:
 
 def preference_runs(folder: Path, data: dict, init: Path, seed_dir: Path, seed, settings,
                     split, args) -> list[tuple[str, dict]]:
-    """The paper's table 4 and its SPIN baseline: DPO from the continued-SFT and from the RAC
-    checkpoint of this seed, on pairs (chosen = the reference, rejected = that checkpoint's own
-    sample with a wrong final answer); SPIN from the warm-up for the same number of epochs."""
+    """The paper's table 4 and its SPIN baseline. As in the paper, one fixed pair set for every
+    initialisation: built once from the warm-up (chosen = the reference, rejected = its own
+    sample with a wrong final answer), then DPO from this seed's continued-SFT and RAC
+    checkpoints; SPIN from the warm-up for the same number of epochs. Each at its own lr and λ
+    (with --preference-grid: DPO after SFT and SPIN at every point of the grid)."""
+    pairs = folder / "data" / "pairs-warmup.jsonl"
+    if not pairs.exists():
+        make_pairs(init, data["train"], pairs, seed=0, task=data["template"], device=args.device)
+    n_pairs = len(pairs.read_text().splitlines())
+    own = lambda lr, beta: {**settings, "lr": lr, "dpo_beta": beta}  # noqa: E731
+    if args.preference_grid:
+        grid = [(f"(lr={lr:g}, λ={b:g})", own(lr, b)) for lr in args.pref_lrs
+                for b in args.pref_betas]
+        runs = [(f"dpo after sft {tag}", "sft", s) for tag, s in grid]
+        spins = [(f"spin {tag}", s) for tag, s in grid]
+    else:
+        runs = [(f"dpo after {base}", base, own(args.dpo_lr, args.dpo_beta))
+                for base in ("sft", "rac")]
+        spins = [("spin", own(args.spin_lr, args.spin_beta))]
     out = []
-    for base in ("sft", "rac"):
-        ckpt = seed_dir / base / "checkpoint"
-        pairs = folder / "data" / f"pairs-{split}-{seed_dir.name}-{base}.jsonl"
-        counts = make_pairs(ckpt, data["train"], pairs, seed=seed, task=data["template"],
-                            device=args.device)
-        res = continue_from(ckpt, {**data, "train": pairs}, seed_dir / f"dpo-after-{base}",
-                            "dpo", seed, settings, split, args)
-        out.append((f"dpo after {base}", {**res, "pairs": counts["pairs"]}))
-    out.append(("spin", continue_from(init, data, seed_dir / "spin", "spin", seed, settings,
-                                      split, args)))
+    for name, base, s in runs:
+        res = continue_from(seed_dir / base / "checkpoint", {**data, "train": pairs},
+                            seed_dir / name.replace(" ", "-"), "dpo", seed, s, split, args)
+        out.append((name, {**res, "pairs": n_pairs, "settings": s}))
+    for name, s in spins:
+        res = continue_from(init, data, seed_dir / name.replace(" ", "-"), "spin", seed, s, split,
+                            args)
+        out.append((name, {**res, "settings": s}))
     return out
 
 
@@ -287,23 +411,26 @@ COLUMNS = [("val loss", "val_loss", ".4f", 1), ("model-token share", "model_toke
            ("differs from y", "differs_from_y_share", ".4f", 1),
            ("corrected share", "corrected_share", ".3f", 1),
            ("rows without correction", "rows_without_correction", ".0f", 1),
+           ("label precision", "label_precision", ".2f", 1),
            ("build s", "build_s", ".1f", 0), ("train s", "train_s", ".1f", 0)]  # 0: mean only
 
 
 def table(task, results, seeds, split) -> str:
     """Markdown: mean ± 95 % interval over seeds; Δ = accuracy minus continued SFT's (at the
-    learning rate of the last run), seed by seed (paired: the same warm-up, seed, data order)."""
+    learning rate of the last SFT, BASH or RAC run), seed by seed (paired: the same warm-up,
+    seed, data order)."""
     head = ["method", "accuracy %", "Δ vs SFT (points)"] + [c[0] for c in COLUMNS]
     lines = [f"**{task}**, seeds {seeds}, exact match on the {split} split; mean ± 95 % interval",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    sft = {r["seed"]: r["accuracy"] for r in results if r["method"] == "sft" and
-           r["label"] != "warm-up" and r["settings"]["lr"] == results[-1]["settings"]["lr"]}
+    ours = [r for r in results if r["method"] in ("sft", "bash", "rac") and r["label"] != "warm-up"]
+    sft = {r["seed"]: r["accuracy"] for r in ours if r["method"] == "sft" and
+           r["settings"]["lr"] == ours[-1]["settings"]["lr"]}
     for name in dict.fromkeys(r["label"] for r in results):
         rs = [r for r in results if r["label"] == name]
         delta = [100 * (r["accuracy"] - sft[r["seed"]]) for r in rs if r["seed"] in sft]
         cells = [name, fmt([r["accuracy"] for r in rs], ".1f", 100),
                  fmt(delta, "+.1f") if rs[0]["method"] not in ("sft", "none") else "-"]
-        cells += [fmt([r[key] for r in rs if key in r], spec, interval=ci)
+        cells += [fmt([r[key] for r in rs if r.get(key) is not None], spec, interval=ci)
                   for _, key, spec, ci in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     after = {name: {r["seed"]: r["accuracy"] for r in results if r["label"] == name}
@@ -364,7 +491,7 @@ def study(args):
             for name, res in preference_runs(folder, data, init, root / task / f"seed{seed}",
                                              seed, base, split, args):
                 results.append({"task": task, "label": name, "method": name.split()[0],
-                                "seed": seed, "settings": base, **res})
+                                "seed": seed, **res})
                 save(root, task, results, args.seeds, split, t0)
         print(save(root, task, results, args.seeds, split, t0))
 

@@ -242,9 +242,13 @@ def test_encode_rows_prompt_too_long():
 def test_extract_answer():
     assert extract_answer("so 3+4=7\n#### 1,234 ") == "1234"
     assert extract_answer("#### 5 then #### -6") == "-6"
-    assert extract_answer("The answer is 42.") == "42"
-    assert extract_answer("from -3.5 to -12,000.25 degrees") == "-12000.25"
-    assert extract_answer("no numbers here") is None
+    assert extract_answer("#### 7 <- the sum, not 8") == "7"  # the number right after '####'
+    assert extract_answer("#### seven") is None
+    # strict (the default, the paper's strict match): no '####', no answer
+    assert extract_answer("The answer is 42.") is None
+    assert extract_answer("The answer is 42.", strict=False) == "42"
+    assert extract_answer("from -3.5 to -12,000.25 degrees", strict=False) == "-12000.25"
+    assert extract_answer("no numbers here", strict=False) is None
 
 
 def test_rouge_by_hand():

@@ -101,3 +101,119 @@ def test_chain_from_scratch_writes_reference_rows(tmp_path):
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
     results = json.loads((out / "test" / "chain.json").read_text())
     assert [r["label"] for r in results] == ["warm-up", "sft"]  # no pretrained row from scratch
+
+
+import map as study_map  # noqa: E402  (scripts/map.py)
+from data import byte_tokenizer  # noqa: E402
+
+
+def test_right_continuation_by_hand():
+    eos = study.EOS
+    right = study.right_continuation
+    # chain: the next step from the model's own result; after '####' the answer to x (5)
+    assert right("chain", "5+4-4=", "") == "5+4=9,"
+    assert right("chain", "5+4-4=", "5+4=8,") == "8-4=4 #### 5" + eos
+    assert right("chain", "5+4-4=", "5+4=8,8-") == "4=4 #### 5" + eos
+    assert right("chain", "5+4-4=", "5+4=8,9") is None  # left its own prefix: nothing is right
+    assert right("chain", "5+4-4=", "5+4=8,8-4=4 ####") == " 5" + eos
+    assert right("chain", "5+4-4=", "5+4=8,8-4=4 #### 5") == eos
+    # totals: each element is the running total of x, whatever came before
+    assert right("totals", "5+4-4=", "+4=8,") == "-4=5 #### 5" + eos
+    assert right("totals", "5+4-4=", "+4=8,-4=6 #### 5") == eos
+    assert right("totals", "5+4-4=", "+4=9,-4=5,") is None  # an element too many
+    assert right("totals", "5+4-4=", "+5") is None
+
+
+def test_label_precision_counts_right_corrections():
+    tok = byte_tokenizer()
+    enc = lambda s: list(s.encode())  # noqa: E731
+    x, z = enc("5+4-4="), enc("5+4=8,8-4=4 #### 4") + [tok.eos_id]
+    zbar = list(z)
+    marks = {}
+    for j, new, ok in ((4, "9", True), (6, "9", False), (10, "4", True), (17, "5", True),
+                       (9, "5", None)):  # (position, label, right?); None: prefix '...,8-4' ok
+        zbar[j], marks[j] = ord(new), ok
+    mask = [int(j in marks) for j in range(len(z))]
+    res = study.label_precision("chain", tok, [(x, z, zbar, mask)])
+    # position 9 follows '5+4=8,8-4': the right next token is '=', not '5' -> defined, wrong
+    assert res == {"label_precision": 3 / 5, "labels_defined_share": 1.0}
+
+
+def test_map_end_to_end_tiny(tmp_path):
+    out = tmp_path / "map"
+    study_map.main(["--tasks", "totals", "--seeds", "0", "--train-size", "16", "--dev-size", "4",
+                    "--test-size", "4", "--warmup-epochs", "2", "--n-layer", "1", "--n-embd", "32",
+                    "--batch-size", "8", "--micro-batch-size", "8", "--stage-fractions", "0.5",
+                    "--lrs", "1e-4", "3e-4", "--grid", "sft-lr", "--betas", "0.2",
+                    "--rac-temperatures", "1.0", "--out", str(out), "--to", str(tmp_path / "docs")])
+    state = json.loads((out / "totals.json").read_text())
+    assert state["stages"] == [1, 2] and [e for e, _ in state["curve"]] == [1, 2]
+    for e in (1, 2):  # each stage is the warm-up's own checkpoint after that epoch
+        assert (out / "totals" / "warmup" / f"epoch-{e}" / "model.safetensors").exists()
+    res = state["results"]
+    assert sorted(k for k in res if k.startswith("test")) == sorted(
+        f"test|{e}|{m}|0" for e in (1, 2) for m in ("sft", "bash", "rac"))
+    for c in state["cells"]:  # Δ is paired with continued SFT of the same stage and seed
+        if c["method"] != "sft":
+            sft = res[f"test|{c['stage']}|sft|0"]["accuracy"]
+            own = res[f"test|{c['stage']}|{c['method']}|0"]["accuracy"]
+            assert c["delta"][0] == pytest.approx(100 * (own - sft))
+    for e in (1, 2):  # --grid sft-lr: SFT's lr picked on dev (ties: the smaller), for all three
+        dev = {lr: res[f"dev|{e}|sft|0|lr{lr:g}-b0.2-t1"]["accuracy"] for lr in (1e-4, 3e-4)}
+        picked = 3e-4 if dev[3e-4] > dev[1e-4] else 1e-4
+        assert {res[f"test|{e}|{m}|0"]["settings"]["lr"] for m in ("sft", "bash", "rac")} == {picked}
+    assert "label_precision" in res["test|2|rac|0"] and "differs_from_y_share" in res["test|2|bash|0"]
+    assert (tmp_path / "docs" / "map_totals.png").exists()
+
+
+def test_preference_rows_share_one_pair_file_at_their_own_settings(tmp_path):
+    """Table 4's analogue: one pair file, built once from the warm-up, for DPO after continued
+    SFT and after RAC; DPO and SPIN at their own lr and λ, not the continuation's."""
+    import hashlib
+    out = tmp_path / "study"
+    study.main(["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
+                "--preference", "--dpo-lr", "1e-6", "--dpo-beta", "0.5", "--spin-lr", "2e-6",
+                "--spin-beta", "0.01", "--out", str(out), *TINY_SIZES])
+    pairs = sorted((out / "chain" / "data").glob("pairs*"))
+    assert [p.name for p in pairs] == ["pairs-warmup.jsonl"]
+    digest = hashlib.sha256(pairs[0].read_bytes()).hexdigest()
+    seed = out / "test" / "chain" / "seed0"
+    for name, base in (("dpo-after-sft", "sft"), ("dpo-after-rac", "rac")):
+        run = json.loads((seed / name / "checkpoint" / "run.json").read_text())["settings"]
+        assert (run["method"], run["lr"], run["dpo_beta"], run["data_sha256"]) == (
+            "dpo", 1e-6, 0.5, digest)
+        # the pairs' reference log-probs are the base checkpoint's: DPO started from it
+        saved = torch.load(seed / name / "checkpoint" / "train_state.pt", weights_only=True)
+        prompt, chosen, _, ref_chosen, _ = saved["offline"][0]
+        base_model = from_pretrained(seed / base / "checkpoint").eval()
+        with torch.no_grad():
+            logp, _ = train.sequence_logps(base_model, [prompt], [chosen], torch.device("cpu"))
+        assert logp.item() == pytest.approx(ref_chosen, rel=1e-4)
+    spin = json.loads((seed / "spin" / "checkpoint" / "run.json").read_text())["settings"]
+    assert (spin["method"], spin["lr"], spin["dpo_beta"]) == ("spin", 2e-6, 0.01)
+    labels = [r["label"] for r in json.loads((out / "test" / "chain.json").read_text())]
+    assert labels == ["warm-up", "sft", "bash", "rac", "dpo after sft", "dpo after rac", "spin"]
+
+
+def test_chat_template_reference_rows_are_the_rac_prompts(tmp_path):
+    """--template chat: the warm-up's reference rows f(x, y) -> y are the paper's QA_REF in a
+    user turn after its system prompt, token for token the f(x, y) that RAC's labeller reads."""
+    args = study.get_args(["--template", "chat", "--train-size", "3", "--dev-size", "2",
+                           "--test-size", "2"])
+    data = study.write_splits(tmp_path / "data", "chain", args)
+    assert (data["template"], data["form"]) == ("chat", "chain")
+    tok = train.byte_tokenizer()
+    train_rows, _ = train.load_rows(data["train"], tok, "chat", 512, "fail", True)
+    warm, _ = train.load_rows(data["warmup"], tok, "chat", 512, "fail", False)
+    assert len(warm) == 6
+    for row, own in zip(train_rows, warm[:3]):  # the training rows: x in one user turn
+        assert (own.prompt, own.response) == (row.prompt, row.response)
+    lines = [json.loads(line) for line in data["train"].read_text().splitlines()]
+    for row, ref, line in zip(train_rows, warm[3:], lines):
+        assert ref.prompt == row.ref_prompt and ref.response == row.response
+        turn = lambda role, text: tok.encode(f"<|{role}|>\n{text}") + [tok.eos_id] + tok.encode("\n")  # noqa
+        question = (f"{line['prompt']}\nAnswer this question based on the following reference "
+                    f"response: {line['response']}")
+        assert ref.prompt == (turn("system", study.QA_SYSTEM) + turn("user", question)
+                              + tok.encode("<|assistant|>\n"))  # the zephyr-style tags, by hand
+    assert all(r.answer is not None for r in train_rows)  # '#### n' is still scored

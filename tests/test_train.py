@@ -639,6 +639,46 @@ def test_generate_cli_runs_on_trained_checkpoint(trained):
     assert out.startswith("12+34=") and len(out.strip()) > len("12+34="), repr(out)
 
 
+def test_eval_samples_average_strict_accuracy(tmp_path):
+    """--eval-temperature 0.1 --eval-samples 3 (the paper's math evaluation): accuracy is the mean
+    over the samples of strict matches (the number after '####'), accuracy_sd their spread, and
+    the last-number fallback is counted apart, as accuracy_lenient; greedy once is the default."""
+    rows = [{"prompt": f"{i}?", "response": f"#### {3 + 4 * (i % 2)}"} for i in range(32)]
+    path, taught = tmp_path / "hashes.jsonl", tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a quarter of the training replies say "so 7" (7: right for those prompts, but no '####')
+    taught.write_text("".join(json.dumps({**r, "response": "so 7"} if i % 4 == 1 else r) + "\n"
+                              for i, r in enumerate(rows)))
+    out = tmp_path / "run"
+    argv = [*TINY, "--data", str(taught), "--eval-data", str(path), "--out", str(out), "--method",
+            "sft", "--iter-epochs", "12", "--lr", "1e-2", "--batch-size", "8",
+            "--micro-batch-size", "8", "--eval-temperature", "1.0", "--eval-samples", "3", "--seed", "5"]
+    res, model = train.run(train.get_args(argv))
+    model.eval()
+    tok = data.byte_tokenizer()
+    enc, _ = train.load_rows(path, tok, "arith", 64, "fail", False)
+    runs = [train.generate_answers(model, enc, tok, 256, None, 1.0, train.seed_for(5, "eval", s))
+            for s in range(3)]
+    truth = [r["response"].split()[-1] for r in rows]
+
+    def after_hashes(t):  # the digits right after the last '####', or None
+        found = re.match(r"\s*(\d+)", t.rsplit("####", 1)[1]) if "####" in t else None
+        return found and found[1]
+    strict = [sum(after_hashes(t) == a for t, a in zip(texts, truth)) / 32 for texts in runs]
+    lenient = [sum((after_hashes(t) if "####" in t else (re.findall(r"\d+", t) or [None])[-1]) == a
+                   for t, a in zip(texts, truth)) / 32 for texts in runs]
+    assert 0 < min(strict) and len(set(strict)) > 1  # the samples differ: the mean is a mean
+    assert res["accuracy"] == pytest.approx(sum(strict) / 3)
+    assert res["accuracy_sd"] == pytest.approx(torch.tensor(strict).std().item())
+    assert res["accuracy_lenient"] == pytest.approx(sum(lenient) / 3)
+    assert res["accuracy_lenient"] > res["accuracy"]  # e.g. "### 7" counts only when lenient
+
+    greedy = train.evaluate(model, enc, tok, "arith", 8, 256)
+    once = train.generate_answers(model, enc, tok, 256)
+    assert "accuracy_sd" not in greedy
+    assert greedy["accuracy"] == sum(after_hashes(t) == a for t, a in zip(once, truth)) / 32
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. --help
 
