@@ -497,7 +497,7 @@ class Run:
     spin_max_new_tokens: int
     settings: dict  # what --resume compares (plumbing.run_settings)
     carried: dict  # --init's tokenizer files, {name: bytes}, copied into every checkpoint
-    lock: int | None = None  # rank 0 holds the flock on out (plumbing.claim_out)
+    lock: int | None = None  # rank 0 holds the lock on out (plumbing.claim_out)
     made: Path | None = None  # the folder claim_out created, removed again if left empty
 
     @property
