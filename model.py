@@ -772,8 +772,6 @@ def param_count(cfg: GPTConfig) -> int:
 # of old exports.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias",
                     ".attention.masked_bias", "rotary_emb.inv_freq")
-# Stored dtypes that convert to ours exactly (or by rounding only, to a narrower one).
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _weight_files(path: Path) -> tuple[dict[str, Path], Path]:
@@ -820,9 +818,6 @@ def load_hf_state(cfg: GPTConfig, path: Path, dtype=torch.float32) -> dict[str, 
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{files[name][0]}: weight {name!r} has shape {tuple(t.shape)}, "
                                  f"expected {tuple(shape)}")
-            if t.dtype not in FLOAT_DTYPES:
-                raise ValueError(f"{files[name][0]}: weight {name!r} is stored as {t.dtype}, "
-                                 "expected float32, float16 or bfloat16")
             tensors.append(t)
             used.add(name)
         state[ours] = to_ours(tensors, kind, cfg).to(dtype).contiguous()

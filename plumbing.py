@@ -225,12 +225,16 @@ def open_safetensors(path: Path):
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+# Stored dtypes that convert to the model's exactly (or by rounding only, to a narrower one).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def checked_weight(t: torch.Tensor, name: str, file) -> torch.Tensor:
-    """A stored weight, refused unless floating point with only finite values: an int tensor
-    would be cast silently, and a NaN the loss never reads would train to the end."""
-    if not t.dtype.is_floating_point:
+    """A stored weight, refused unless float32/16, bfloat16 or float64 with only finite values:
+    an int tensor would be cast silently, and a NaN the loss never reads would train to the end."""
+    if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{file}: weight {name!r} is {str(t.dtype).removeprefix('torch.')}, "
-                         "expected floating point (not a model checkpoint?)")
+                         "expected float32, float16, bfloat16 or float64 (not a model checkpoint?)")
     if not torch.isfinite(t).all():
         raise ValueError(f"{file}: weight {name!r} holds NaN or inf (a broken checkpoint: use "
                          "an earlier one)")
