@@ -187,6 +187,12 @@ def loss_rows(rows, idx, offline):
     return [sft_row(rows[i]) for i in idx], method
 
 
+def by_length(rows: list[TrainRow]) -> list[TrainRow]:
+    """Rows of like length side by side, so that a micro-batch pads little. The terms are sums
+    over the global batch, so the order of its rows changes nothing but the padding."""
+    return sorted(rows, key=lambda t: len(t.prompt) + len(t.inputs))
+
+
 def sft_tokens(rows, idx):
     """The loss's denominator: the SFT target tokens of the whole global batch idx. Every rank
     knows it from the lengths, without communication."""
@@ -219,7 +225,7 @@ def sft_parts(r: Run, idx, mine, offline, m: Method) -> list[Callable]:
     method's term; each part() returns (J, the logged terms, tokens read). Every term is a part of
     a global-batch sum, so micro-batches and ranks add up to one batch."""
     a, mb = r.args, r.args.micro_batch_size
-    sft, method = loss_rows(r.rows, mine, offline)
+    sft, method = map(by_length, loss_rows(r.rows, mine, offline))
     denom, noise = sft_tokens(r.rows, idx), a.neftune_alpha if m.noise else 0.0
 
     def part(sft, method):

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -287,6 +288,33 @@ def test_token_weighted_accumulation_matches_one_batch(method, term):
     worst = max((naive[k] - one[k]).abs().max().item() for k in one)
     scale = max(one[k].abs().max().item() for k in one)
     assert worst > 0.05 * scale, "a mean of micro-batch means should not equal the token-weighted gradient"
+
+
+def test_micro_batches_hold_rows_of_like_length(monkeypatch):
+    """sft_parts sorts the step's rows by length before slicing them: micro-batches of 2 of the
+    lengths above pad to their own longest row, and the parts still add up to one batch."""
+    rows, offline = varied_rows()
+    idx = list(range(len(rows)))
+    model = tiny_gpt(seed=1)
+    flags = SimpleNamespace(micro_batch_size=2, neftune_alpha=0.0, precision="fp32")
+    run = SimpleNamespace(args=flags, rows=rows, model=model, raw=model)
+    seen, step_loss = [], train.step_loss
+
+    def spy(model, sft, method, *rest):
+        seen.append(([len(r.prompt) + len(r.inputs) for r in sft],
+                     [len(r.prompt) + len(r.inputs) for r in method]))
+        return step_loss(model, sft, method, *rest)
+    monkeypatch.setattr(train, "step_loss", spy)
+    model.zero_grad(set_to_none=True)
+    for part in train.sft_parts(run, idx, idx, offline["bash"], train.METHODS["bash"]):
+        part()[0].backward()
+    parts = {k: p.grad.clone() for k, p in model.named_parameters()}
+    lengths = sorted(len(r.prompt) + len(r.response) for r in rows)
+    assert [s for s, _ in seen] == [lengths[j:j + 2] for j in range(0, len(rows), 2)]
+    assert [m for _, m in seen] == [s for s, _ in seen]  # BASH rows are as long as their SFT rows
+    one, _ = accumulated_grads(model, rows, idx, "bash", offline["bash"], len(rows), "both")
+    for k in one:
+        torch.testing.assert_close(parts[k], one[k], rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
 def test_micro_batch_size_does_not_change_training(files, tmp_path):
