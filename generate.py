@@ -54,7 +54,7 @@ def left_pad(prompts, S, device):
     """Left-pad token lists into one batch whose rows end together, in a window of S columns.
 
     Returns idx (B, P); pos (B, S), each column's position, 0 at a row's first real token;
-    real (B, S), which columns hold real tokens; mask (B, 1, P, S), what each of the P prompt
+    real (B, S), which columns hold real tokens; mask (B, 1, P, P), what each of the P prompt
     columns may read: causal over real tokens, and a padding column itself, so no softmax row
     is empty.
     """
@@ -64,9 +64,9 @@ def left_pad(prompts, S, device):
     cols = torch.arange(S, device=device)
     real = cols[None, :] >= pad[:, None]
     pos = (cols[None, :] - pad[:, None]).clamp(min=0)
-    causal = cols[:P, None] >= cols[None, :]
-    mask = ((causal[None] & real[:, None, :])
-            | torch.eye(P, S, dtype=torch.bool, device=device)[None])
+    causal = cols[:P, None] >= cols[None, :P]
+    mask = ((causal[None] & real[:, None, :P])
+            | torch.eye(P, dtype=torch.bool, device=device)[None])
     return idx, pos, real, mask[:, None]
 
 
@@ -102,10 +102,9 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=N
             done |= finished
             if t == steps - 1 or bool(done.all()):
                 return out[:, :t + 1]
-            c = P + t
-            mask = (real & (cols <= c))[:, None, None, :]
-            h = model(tok[:, None], pos=pos[:, c:c + 1], cache=cache, cols=cols[c:c + 1], mask=mask,
-                      last_n=1, head=False)
+            c = P + t  # the column this token is written at: it reads the real ones up to it
+            h = model(tok[:, None], pos=pos[:, c:c + 1], cache=cache, cols=cols[c:c + 1],
+                      mask=real[:, None, None, :c + 1], last_n=1, head=False)
     return out
 
 
