@@ -266,17 +266,20 @@ def rac_rows(model, rows, max_new_tokens, temperature, seed, eos_id) -> list[Tra
 
 def build_offline(model, rows, build, batch_size, seed, rank, world, precision="auto") -> list:
     """Algorithms 1-2, line 8: the offline set with the current weights, one row per row.
-    build(model, rows, seed) makes one decode batch. Whole batches are dealt to the ranks
+    build(model, rows, seed) makes one decode batch, of rows of like prompt length (less
+    padding, and a batch of short problems stops early). Whole batches are dealt to the ranks
     round-robin and each is seeded by its own number, so the set does not depend on the ranks.
     Decoding runs in the training's precision (bf16: the KV cache in bf16 too)."""
     model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
     starts = list(range(0, len(rows), batch_size))
     out = {}
     # pack the weights once for every batch
     with autocast(model.device, precision), packed_linears(model, batch_size):
         for k in tqdm(starts[rank::world], desc="build", disable=rank != 0, leave=False):
-            made = build(model, rows[k:k + batch_size], seed_for(seed, "batch", k // batch_size))
-            out.update(zip(range(k, k + len(made)), made))
+            batch = order[k:k + batch_size]
+            made = build(model, [rows[i] for i in batch], seed_for(seed, "batch", k // batch_size))
+            out.update(zip(batch, made))
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, out)
@@ -737,9 +740,9 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
     over `samples` generations (the paper's math: 3 at temperature 0.1), with accuracy_sd over
     them; answers decoded in `precision`."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, every = 0.0, 0, by_length([sft_row(r) for r in rows])
     for k in range(0, len(rows), micro_batch):
-        sft = [sft_row(r) for r in rows[k:k + micro_batch]]
+        sft = every[k:k + micro_batch]
         terms, _ = step_loss(model, sft, [], 1.0, 0.0, model.device, "fp32")
         total += terms[0].item()
         count += sum(len(r.targets) for r in sft)
@@ -766,17 +769,21 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
 def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperature=0.0, seed=0,
                      precision="auto"):
     """Answers to every row's prompt, as text: greedy, or sampled at `temperature` (batch k seeded
-    by seed_for(seed, "answers", k)); decoded in `precision` with the weights packed once."""
+    by seed_for(seed, "answers", k)); decoded in `precision` with the weights packed once. Prompts
+    go in batches of like length: less padding, and a batch of short problems, whose answers are
+    short too, stops early."""
     block = model.config.block_size
     max_new = (min(max_new_tokens, block - max(len(r.prompt) for r in rows)) if max_new_tokens
                else new_token_cap(rows, block))
-    texts = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
+    texts = [""] * len(rows)
     with autocast(model.device, precision), packed_linears(model, batch_size):
         for k in range(0, len(rows), batch_size):
-            chunk = rows[k:k + batch_size]
-            gen = generate(model, [r.prompt for r in chunk], max_new, temperature,
+            chunk = order[k:k + batch_size]
+            gen = generate(model, [rows[i].prompt for i in chunk], max_new, temperature,
                            eos_id=tok.eos_id, seed=seed_for(seed, "answers", k // batch_size))
-            texts += [tok.decode([t for t in g if t != tok.eos_id]) for g in gen]
+            for i, g in zip(chunk, gen):
+                texts[i] = tok.decode([t for t in g if t != tok.eos_id])
     return texts
 
 

@@ -426,8 +426,10 @@ def test_scs_loss_equals_bash_loss_with_same_weights_and_seed(model):
     beta, temp, base = 0.5, 1.0, 31
 
     # SCS, as train.run's step does it: mix the step's rows with the current weights, method "scs"
-    online = dict(zip(idx, train.bash_rows(model, [rows[i] for i in idx], beta, temp,
-                                           seed=train.seed_for(base, "batch", 0))))
+    # (in the order build_offline batches them: by prompt length)
+    order = sorted(idx, key=lambda i: len(rows[i].prompt))
+    online = dict(zip(order, train.bash_rows(model, [rows[i] for i in order], beta, temp,
+                                             seed=train.seed_for(base, "batch", 0))))
     mixed = [online[i].inputs for i in idx]
     sft, aux = train.loss_rows(rows, idx, online)
     scs_terms, _ = train.step_loss(model, sft, aux, train.sft_tokens(rows, idx), 0.0, CPU)

@@ -131,10 +131,14 @@ def test_spin_offline_set_equals_generate(spin_one_step):
     rows = train.load_rows(args.data, tok, "arith", 64, "truncate", False)[0]
     cap = min(max(len(r.response) for r in rows) + 16, 64 - max(len(r.prompt) for r in rows))
     seed = train.seed_for(args.seed, "offline", 0)  # iteration 0, then decode batch k of 12 rows
-    z = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))  # batched by length
+    z = [None] * len(rows)
     for k in range(0, len(rows), 12):
-        z += generate(model, [r.prompt for r in rows[k:k + 12]], cap, temperature=1.0,
-                      eos_id=tok.eos_id, seed=train.seed_for(seed, "batch", k // 12))
+        batch = order[k:k + 12]
+        made = generate(model, [rows[i].prompt for i in batch], cap, temperature=1.0,
+                        eos_id=tok.eos_id, seed=train.seed_for(seed, "batch", k // 12))
+        for i, zi in zip(batch, made):
+            z[i] = zi
     assert [list(o[2]) for o in offline] == z
     assert [list(o[1]) for o in offline] == [r.response for r in rows]
     with torch.no_grad():
