@@ -163,8 +163,10 @@ def timed_steps(step, n, device):
 
 
 def child_decode(cfg, device):
-    """Greedy, exactly `new` new tokens (no eos), ours vs transformers' generate; the token ids of
-    each row compared."""
+    """Greedy, exactly `new` new tokens (no eos), ours (weights packed once for the run, as a
+    build or an evaluation does, and plain) vs transformers' generate; the token ids of each row
+    compared. Also the machine's copy bandwidth: at batch 1 a step reads every weight once, so
+    weight bytes / bandwidth is the floor of a step's time for any fp32 implementation."""
     import torch
     from transformers import AutoModelForCausalLM
     from generate import generate, packed_linears
@@ -189,18 +191,28 @@ def child_decode(cfg, device):
 
     batches = [prompts[k:k + B] for k in range(0, len(prompts), B)]
     res = {}
-    for name, fn in (("transformers", theirs), ("ours", mine)):
+    for name, fn in (("transformers", theirs), ("ours", mine), ("ours_plain", mine)):
         fn(batches[0][:1])  # warm-up
         t0, ids = time.perf_counter(), []
-        # ours: the weights packed once for the whole run, as a build or an evaluation does
-        with packed_linears(ours, B) if name == "ours" else contextlib.nullcontext():
+        packed = packed_linears(ours, B) if name == "ours" else contextlib.nullcontext()
+        with packed:
             for b in batches:
                 ids += fn(b)
         res[name] = {"s": time.perf_counter() - t0, "ids": ids}
-    same = sum(a == b for a, b in zip(res["ours"]["ids"], res["transformers"]["ids"]))
+    same = {k: sum(a == b for a, b in zip(res[k]["ids"], res["transformers"]["ids"]))
+            for k in ("ours", "ours_plain")}
+    a = torch.empty(1 << 27)  # 512 MiB, copied: read once and written once
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        b.copy_(a)
+    gb_s = 3 * 2 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9
     n_tok = len(prompts) * new
-    return {"ours_tok_s": n_tok / res["ours"]["s"], "hf_tok_s": n_tok / res["transformers"]["s"],
-            "rows_identical": same, "rows": len(prompts)}, rows
+    return {"ours_tok_s": n_tok / res["ours"]["s"], "plain_tok_s": n_tok / res["ours_plain"]["s"],
+            "hf_tok_s": n_tok / res["transformers"]["s"], "rows_identical": same["ours"],
+            "plain_identical": same["ours_plain"], "rows": len(prompts), "copy_gb_s": gb_s,
+            "weight_gb": 4 * ours.num_params() / 1e9}, rows
 
 
 def child(cfg):
@@ -278,15 +290,19 @@ def vocab_table(base):
 
 
 def decode_table(base):
-    print("\n3. Greedy decoding on SmolLM2, 8 GSM prompts, 128 new tokens, fp32")
-    print(f"{'batch':<7}{'ours tok/s':>11}{'transformers tok/s':>20}{'ratio':>8}{'identical rows':>16}")
+    print("\n3. Greedy decoding on SmolLM2, GSM prompts, 128 new tokens, fp32 (the floor: weight "
+          "bytes / copy bandwidth, one read of every weight a step)")
+    print(f"{'batch':<7}{'ours tok/s':>11}{'unpacked':>10}{'transformers':>14}{'ratio':>8}"
+          f"{'identical rows':>16}{'floor tok/s':>13}")
     for batch in (1, 8):
         res = run_child({**base, "kind": "decode", "batch": batch, "new": 128,
                          "rows": 4 if batch == 1 else 8})
         if res:
-            print(f"{batch:<7}{res['ours_tok_s']:>11.1f}{res['hf_tok_s']:>20.1f}"
-                  f"{res['ours_tok_s'] / res['hf_tok_s']:>7.2f}x"
-                  f"{res['rows_identical']:>10} of {res['rows']}", flush=True)
+            floor = batch * res["copy_gb_s"] / res["weight_gb"]
+            print(f"{batch:<7}{res['ours_tok_s']:>11.1f}{res['plain_tok_s']:>10.1f}"
+                  f"{res['hf_tok_s']:>14.1f}{res['ours_tok_s'] / res['hf_tok_s']:>7.2f}x"
+                  f"{res['rows_identical']:>6}+{res['plain_identical']} of {res['rows']}"
+                  f"{floor:>13.1f}", flush=True)
 
 
 def main():

@@ -107,10 +107,11 @@ def get_args(argv=None):
     g.add_argument("--eval-samples", type=positive_int, default=1,
                    help="generations per evaluation, accuracy averaged (the paper's math: 3)")
     g = p.add_argument_group("warm-up (SFT from --init)")
-    g.add_argument("--warmup-epochs", type=positive_float, default=8.0, help="the first round")
+    g.add_argument("--warmup-epochs", type=positive_float, default=10.0,
+                   help="the first round (10: 6 left chain at 10 %% dev, 8 reached 93 %%)")
     g.add_argument("--warmup-lr", type=positive_float, default=2e-3,
                    help="the first round's peak lr")
-    g.add_argument("--round-epochs", type=positive_float, default=2.0,
+    g.add_argument("--round-epochs", type=positive_float, default=1.0,
                    help="each further round, at a quarter of --warmup-lr")
     g.add_argument("--plateau", type=non_negative_float, default=1.0,
                    help="stop when a round raises the dev accuracy by fewer points than this")
