@@ -167,8 +167,8 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
     z̄^j = argmax p(·|f(x,y), z^<j).
 
     z is sampled until eos_id or max_new_tokens. The labels need one teacher-forced pass over the
-    token ids f(x,y) ++ z[:-1]: the position that has read f(x,y) ++ z^<j predicts z̄^j. The ids are
-    concatenated, never decoded to text and re-encoded. Returns (z, z̄, differs) with
+    token ids f(x,y) ++ z[:-1]: the position that has read f(x,y) ++ z^<j predicts z̄^j. The ids
+    are concatenated, never decoded to text and re-encoded. Returns (z, z̄, differs) with
     differs^j = 1(z̄^j != z^j), the positions Eq. 7 trains on.
     """
     block = model.config.block_size

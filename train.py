@@ -193,6 +193,12 @@ def by_length(rows: list[TrainRow]) -> list[TrainRow]:
     return sorted(rows, key=lambda t: len(t.prompt) + len(t.inputs))
 
 
+def by_prompt_length(rows) -> list[int]:
+    """The rows' indices, shortest prompt first: decode batches of like length pad little, and a
+    batch of short problems, whose answers are short too, stops early."""
+    return sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
+
+
 def sft_tokens(rows, idx):
     """The loss's denominator: the SFT target tokens of the whole global batch idx. Every rank
     knows it from the lengths, without communication."""
@@ -266,12 +272,12 @@ def rac_rows(model, rows, max_new_tokens, temperature, seed, eos_id) -> list[Tra
 
 def build_offline(model, rows, build, batch_size, seed, rank, world, precision="auto") -> list:
     """Algorithms 1-2, line 8: the offline set with the current weights, one row per row.
-    build(model, rows, seed) makes one decode batch, of rows of like prompt length (less
-    padding, and a batch of short problems stops early). Whole batches are dealt to the ranks
-    round-robin and each is seeded by its own number, so the set does not depend on the ranks.
+    build(model, rows, seed) makes one decode batch, of rows of like prompt length
+    (by_prompt_length). Whole batches are dealt to the ranks round-robin and each is seeded by
+    its own number, so the set does not depend on the ranks.
     Decoding runs in the training's precision (bf16: the KV cache in bf16 too)."""
     model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
+    order = by_prompt_length(rows)
     starts = list(range(0, len(rows), batch_size))
     out = {}
     # pack the weights once for every batch
@@ -769,13 +775,12 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
 def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperature=0.0, seed=0,
                      precision="auto"):
     """Answers to every row's prompt, as text: greedy, or sampled at `temperature` (batch k seeded
-    by seed_for(seed, "answers", k)); decoded in `precision` with the weights packed once. Prompts
-    go in batches of like length: less padding, and a batch of short problems, whose answers are
-    short too, stops early."""
+    by seed_for(seed, "answers", k)); decoded in `precision` with the weights packed once, in
+    batches of like prompt length (by_prompt_length)."""
     block = model.config.block_size
     max_new = (min(max_new_tokens, block - max(len(r.prompt) for r in rows)) if max_new_tokens
                else new_token_cap(rows, block))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
+    order = by_prompt_length(rows)
     texts = [""] * len(rows)
     with autocast(model.device, precision), packed_linears(model, batch_size):
         for k in range(0, len(rows), batch_size):
