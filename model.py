@@ -157,12 +157,11 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, layer: int, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write the new keys and values at columns `cols` (the next ones); return every column up
-        to the last of them."""
+    def update(self, layer: int, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
+        """Write the new keys and values at columns `cols`; return the first `end` columns (the
+        written ones; end is a Python int, so that no device sync reads cols)."""
         self.k[layer].index_copy_(2, cols, k.to(self.k.dtype))
         self.v[layer].index_copy_(2, cols, v.to(self.v.dtype))
-        end = int(cols[-1]) + 1
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -245,8 +244,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None and self.rotary:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, cols, k, v)
+        if cache is not None:  # the mask covers the columns written so far
+            k, v = cache.update(self.layer, cols, k, v, mask.shape[-1])
         gqa = cfg.n_kv_head != cfg.n_head
         dropout = cfg.dropout if self.training else 0.0
         # training and scoring: plain causal attention (right padding never leaks backwards)
