@@ -1002,21 +1002,25 @@ def _example(obj, where: str, line: int) -> Example:
                 raise DataError(f"{where}: field 'messages' must hold objects with string "
                                 "'role' and 'content'")
         check_turns(turns, where)
-        ex = Example(turns[:-1], turns[-1]["content"], line=line, shape="messages")
+        r = turns[-1]["content"]
+        ex = Example(turns[:-1], r, answer=final_answer(r), line=line, shape="messages")
     elif "question" in obj:
         q, a = _field(obj, "question", str, where), _field(obj, "answer", str, where)
         ex = Example(q, a, answer=extract_answer(a), line=line, shape="question")
     elif "prompt" in obj or "response" in obj:
         r = _field(obj, "response", str, where)
-        # a response with a final answer after '####' is scored by exact match, as GSM8K is
-        ex = Example(_field(obj, "prompt", str, where), r,
-                     answer=extract_answer(r) if "####" in r else None, line=line)
+        ex = Example(_field(obj, "prompt", str, where), r, answer=final_answer(r), line=line)
     else:
         raise DataError(f"{where}: unknown shape with keys {sorted(obj)}; expected "
                         "prompt/response, messages, or question/answer")
     if not ex.response.strip():
         raise DataError(f"{where}: empty response")
     return ex
+
+
+def final_answer(response: str) -> str | None:
+    """A response with a final answer after '####' is scored by exact match, as GSM8K is."""
+    return extract_answer(response) if "####" in response else None
 
 
 ROLES = ("system", "user", "assistant")

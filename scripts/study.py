@@ -158,6 +158,8 @@ def write_splits(folder: Path, form, args) -> dict:
     template = getattr(args, "template", "arith")
     splits["warmup"] = [as_template(r, template) for r in splits["train"]] + [
         reference_row(r["prompt"], r["response"], template) for r in splits["train"]]
+    for name in ("train", "dev", "test"):  # every file in the warm-up's shape: train.py mixes none
+        splits[name] = [as_template(r, template) for r in splits[name]]
     paths = {}
     for name, rows in splits.items():
         paths[name] = folder / f"{name}.jsonl"
@@ -317,12 +319,15 @@ def right_continuation(form: str, x: str, prefix: str) -> str | None:
     return full[len(current):] if full.startswith(current) else None
 
 
+PROBLEM = re.compile(r"\d+(?:[+-]\d+)+=")  # a built-in problem x, as in "5+4-4+8-9+1="
+
+
 def label_precision(form: str, tok, offline) -> dict:
     """Of RAC's corrections (positions with z̄ != z): the share where the prefix allows a right
     next token, and of those the share where z̄ is it."""
     defined = right = corrected = 0
     for prompt, z, zbar, mask, *_ in offline:
-        x = tok.decode(prompt)
+        x = PROBLEM.findall(tok.decode(prompt))[-1]  # x itself, without a chat template's text
         for j, m in enumerate(mask):
             if not m:
                 continue

@@ -137,6 +137,9 @@ def test_label_precision_counts_right_corrections():
     res = study.label_precision("chain", tok, [(x, z, zbar, mask)])
     # position 9 follows '5+4=8,8-4': the right next token is '=', not '5' -> defined, wrong
     assert res == {"label_precision": 3 / 5, "labels_defined_share": 1.0}
+    # x inside a chat template whose text has numbers of its own: the same labels, the same count
+    chat = enc("<|system|>\nKnowledge cutoff: 2024-12\n<|user|>\n5+4-4=\n<|assistant|>\n")
+    assert study.label_precision("chain", tok, [(chat, z, zbar, mask)]) == res
 
 
 def test_map_end_to_end_tiny(tmp_path):
@@ -208,12 +211,15 @@ def test_chat_template_reference_rows_are_the_rac_prompts(tmp_path):
     assert len(warm) == 6
     for row, own in zip(train_rows, warm[:3]):  # the training rows: x in one user turn
         assert (own.prompt, own.response) == (row.prompt, row.response)
-    lines = [json.loads(line) for line in data["train"].read_text().splitlines()]
-    for row, ref, line in zip(train_rows, warm[3:], lines):
+    lines = [json.loads(line)["messages"] for line in data["train"].read_text().splitlines()]
+    for row, ref, (x, y) in zip(train_rows, warm[3:], lines):
         assert ref.prompt == row.ref_prompt and ref.response == row.response
         turn = lambda role, text: tok.encode(f"<|{role}|>\n{text}") + [tok.eos_id] + tok.encode("\n")  # noqa
-        question = (f"{line['prompt']}\nAnswer this question based on the following reference "
-                    f"response: {line['response']}")
+        question = (f"{x['content']}\nAnswer this question based on the following reference "
+                    f"response: {y['content']}")
         assert ref.prompt == (turn("system", study.QA_SYSTEM) + turn("user", question)
                               + tok.encode("<|assistant|>\n"))  # the zephyr-style tags, by hand
     assert all(r.answer is not None for r in train_rows)  # '#### n' is still scored
+    # one shape in every file, so that the warm-up (warmup.jsonl) can evaluate on dev.jsonl
+    dev, _ = train.load_rows(data["dev"], tok, "chat", 512, "fail", False)
+    assert {r.shape for r in train_rows + warm + dev} == {"messages"}
