@@ -16,8 +16,8 @@ import train  # noqa: E402
 from data import load_tokenizer  # noqa: E402
 from model import from_pretrained  # noqa: E402
 
-TINY_SIZES = ["--batch-size", "4", "--micro-batch-size", "2", "--warmup-epochs", "1",
-              "--max-rounds", "1", "--seeds", "0"]
+TINY_SIZES = ["--batch-size", "4", "--warmup-batch-size", "2", "--micro-batch-size", "2",
+              "--warmup-epochs", "1", "--max-rounds", "1", "--seeds", "0"]
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +64,8 @@ def test_gsm_from_a_pretrained_checkpoint(tmp_path):
     assert not (out / "gsm" / "data" / "warmup.jsonl").exists()
     warm = json.loads((out / "gsm" / "warmup" / "settings.json").read_text())
     assert warm["init"] == str(init) and warm["epochs"] == 1.0
+    warm_run = json.loads((out / "gsm" / "warmup" / "checkpoint" / "run.json").read_text())
+    assert warm_run["settings"]["batch_size"] == 2  # --warmup-batch-size; continuations: 4
 
     results = json.loads((out / "test" / "gsm.json").read_text())
     assert [r["label"] for r in results] == ["pretrained", "warm-up", "sft", "bash", "rac"]
