@@ -6,15 +6,16 @@ Per task (data.builtin_task, the study's splits and reference rows, scripts/stud
      dev and saved after every epoch (<out>/<task>/warmup/epoch-N);
   2. the stages: the last epoch (the end of the schedule) and the epochs whose dev
      accuracy is nearest to --stage-fractions of the last one's;
-  3. at the stages of --tune-stages (default: the lowest and the highest), a small dev grid:
-     SFT's continuation lr (--lrs), which every method then uses with the first --betas and
-     --rac-temperatures (--grid sft-lr, what the compute allowed); or, --grid coordinate,
-     each method's own lr, then BASH's β and RAC's z temperature, each picked by dev accuracy;
-     a stage without a grid takes the picks of the nearest tuned stage;
+  3. at every stage (--tune-stages all), a dev grid, seed 0 (--grid coordinate): each
+     method's own lr (--lrs), then BASH's β (--betas) and RAC's z temperature
+     (--rac-temperatures), each picked by dev accuracy; or --grid sft-lr: SFT's lr only, used
+     by every method with the first β and temperature; --tune-stages ends: the lowest and the
+     highest stage only, the others taking the picks of the nearest tuned stage;
   4. on test, every method from every stage for every seed; paired Δ vs continued SFT (same
-     stage, seed and data order) with 95 % t-intervals; the deviation statistics of each
-     offline set; and RAC's label precision: the share of its corrections (z̄ != z) that are
-     right (study.right_continuation says what "right" is on each task).
+     stage, seed and data order) with 95 % t-intervals, and where a method picked another lr
+     than SFT, Δ vs continued SFT at that lr too (run for the purpose); the deviation
+     statistics of each offline set; and RAC's label precision: the share of its corrections
+     (z̄ != z) that are right (study.right_continuation says what "right" is on each task).
 
     python scripts/map.py                                  # both tasks, the README's sizes
     python scripts/map.py --tasks totals --seeds 0 1       # one task, fewer seeds
@@ -55,7 +56,8 @@ def get_args(argv=None):
     g.add_argument("--train-size", type=positive_int, default=400)
     g.add_argument("--dev-size", type=positive_int, default=100)
     g.add_argument("--test-size", type=positive_int, default=200)
-    g.add_argument("--terms", type=positive_int, nargs=2, default=[3, 5], help="numbers per problem")
+    g.add_argument("--terms", type=positive_int, nargs=2, default=[3, 5],
+                   help="numbers per problem")
     g.add_argument("--digits", type=positive_int, default=1)
     g.add_argument("--n-layer", type=positive_int, default=4, help="the model from scratch")
     g.add_argument("--n-embd", type=positive_int, default=64)
@@ -74,11 +76,11 @@ def get_args(argv=None):
     g.add_argument("--lrs", type=positive_float, nargs="+", default=[1e-4, 1e-3])
     g.add_argument("--betas", type=fraction, nargs="+", default=[0.2, 0.5])
     g.add_argument("--rac-temperatures", type=non_negative_float, nargs="+", default=[1.0, 0.5])
-    g.add_argument("--grid", default="sft-lr", choices=("coordinate", "sft-lr"),
+    g.add_argument("--grid", default="coordinate", choices=("coordinate", "sft-lr"),
                    help="coordinate: each method's lr, then BASH's β and RAC's temperature; "
                         "sft-lr: SFT's lr only, which every method then uses, with the first "
                         "--betas and --rac-temperatures")
-    g.add_argument("--tune-stages", default="ends", choices=("ends", "all"),
+    g.add_argument("--tune-stages", default="all", choices=("ends", "all"),
                    help="ends: the grid at the lowest and the highest stage only")
     return p.parse_args(argv)
 
@@ -133,7 +135,7 @@ def one_run(results, key, init: Path, data, out: Path, settings, split, args) ->
     """A continuation, or its result from an earlier call of the map (results[key])."""
     if key in results:
         return results[key]
-    method = key.split("|")[2]
+    method = key.split("|")[2].split("@")[0]  # "sft@LR": continued SFT at another method's lr
     res = study.continue_from(init, data, out, method, int(key.split("|")[3]), settings, split,
                               args)
     results[key] = {**res, "settings": settings}
@@ -177,11 +179,15 @@ def cells(task, stages, curve, results, seeds) -> list[dict]:
                 continue
             delta = [100 * (r["accuracy"] - get("sft", s)["accuracy"]) for s, r in rs.items()
                      if get("sft", s)]
+            lr = next(iter(rs.values()))["settings"]["lr"]  # the control: SFT at this lr
+            same = [100 * (r["accuracy"] - (get(f"sft@{lr:g}", s) or get("sft", s))["accuracy"])
+                    for s, r in rs.items() if get(f"sft@{lr:g}", s) or get("sft", s)]
             pick = lambda k: [r[k] for r in rs.values() if r.get(k) is not None]  # noqa: E731
             rows.append({"stage": stage, "dev_accuracy": dict(curve)[stage], "method": method,
                          "seeds": sorted(rs), "settings": next(iter(rs.values()))["settings"],
                          "accuracy": study.mean_ci([100 * a for a in pick("accuracy")]),
                          "delta": study.mean_ci(delta) if method != "sft" else None,
+                         "delta_same_lr": study.mean_ci(same) if method != "sft" else None,
                          **{k: study.mean_ci(pick(k)) for k in
                             ("differs_from_y_share", "corrected_share", "rows_without_correction",
                              "label_precision", "labels_defined_share") if pick(k)}})
@@ -190,8 +196,8 @@ def cells(task, stages, curve, results, seeds) -> list[dict]:
 
 def table(task, cells_, warm) -> str:
     head = ["stage (warm-up epoch)", "warm-up test %", "method", "settings", "test accuracy %",
-            "Δ vs SFT (points)", "ŷ differs from y", "z corrected", "rows without correction",
-            "label precision", "labels defined"]
+            "Δ vs SFT (points)", "Δ vs SFT at its lr", "ŷ differs from y", "z corrected",
+            "rows without correction", "label precision", "labels defined"]
     lines = [f"**{task}**: mean ± 95 % interval over seeds; Δ paired by seed", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cell = lambda v, spec: "-" if v is None else (  # noqa: E731
@@ -204,6 +210,7 @@ def table(task, cells_, warm) -> str:
             f"{c['stage']} (dev {100 * c['dev_accuracy']:.1f} %)",
             f"{100 * warm[str(c['stage'])]:.1f}",
             c["method"], shown, cell(c["accuracy"], ".1f"), cell(c["delta"], "+.1f"),
+            cell(c.get("delta_same_lr"), "+.1f"),
             cell(c.get("differs_from_y_share"), ".3f"), cell(c.get("corrected_share"), ".3f"),
             cell(c.get("rows_without_correction"), ".0f"), cell(c.get("label_precision"), ".2f"),
             cell(c.get("labels_defined_share"), ".2f")]) + " |")
@@ -253,6 +260,13 @@ def map_task(task, args):
                 one_run(results, key, ckpt(e), data, folder / "test" / f"e{e}" / method /
                         f"seed{seed}", picks[near][method], "test", args)
                 save(root, task, state, t0)
+            sft = picks[near]["sft"]
+            for lr in sorted({picks[near][m]["lr"] for m in args.methods} - {sft["lr"]}):
+                # a method picked another lr than SFT: Δ mixes method and lr, so SFT at that lr too
+                print(f"{task}: stage {e}, sft at lr {lr:g}, seed {seed}", flush=True)
+                one_run(results, f"test|{e}|sft@{lr:g}|{seed}", ckpt(e), data, folder / "test" /
+                        f"e{e}" / f"sft-lr{lr:g}" / f"seed{seed}", {**sft, "lr": lr}, "test", args)
+                save(root, task, state, t0)
     print(save(root, task, state, t0))
 
 
@@ -273,6 +287,12 @@ def plot(task, state, to: Path):
         ax.plot(x, mean, "o-", c=f"C{i}", label=f"{method.upper()} − continued SFT")
         ax.fill_between(x, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
                         color=f"C{i}", alpha=0.2)
+        other = [(xi, c["delta_same_lr"]) for xi, c in zip(x, cs)
+                 if c.get("delta_same_lr") and c["delta_same_lr"] != c["delta"]]
+        if other:  # where SFT's dev pick was another lr: Δ against SFT at the method's own lr
+            ax.errorbar([o[0] for o in other], [o[1][0] for o in other], capsize=3, fmt="x",
+                        yerr=[o[1][1] or 0.0 for o in other], c=f"C{i}",
+                        label=f"{method.upper()} − continued SFT at {method.upper()}'s lr")
         for xi, mi, c in zip(x, mean, cs):  # RAC's label precision beside its Δ
             if c.get("label_precision"):
                 ax.annotate(f"precision {c['label_precision'][0]:.2f}", (xi, mi), fontsize=8,

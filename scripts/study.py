@@ -72,12 +72,14 @@ def get_args(argv=None):
     p.add_argument("--preference-grid", action="store_true",
                    help="with --preference: DPO after SFT and SPIN at every --pref-lrs x "
                         "--pref-betas (on --eval-split dev to pick --dpo-lr/--dpo-beta/...)")
-    p.add_argument("--pref-lrs", type=positive_float, nargs="+", default=[1e-7, 5e-7, 3e-6])
+    p.add_argument("--pref-lrs", type=positive_float, nargs="+",
+                   default=[1e-7, 5e-7, 3e-6, 1e-5, 3e-5])
     p.add_argument("--pref-betas", type=positive_float, nargs="+", default=[0.01, 0.1, 0.5])
     p.add_argument("--dpo-lr", type=positive_float, default=3e-6,
-                   help="DPO's own lr (not the SFT one)")
+                   help="DPO's own lr (not the SFT one; picked on chain's dev split)")
     p.add_argument("--dpo-beta", type=positive_float, default=0.1, help="DPO's λ")
-    p.add_argument("--spin-lr", type=positive_float, default=3e-6)
+    p.add_argument("--spin-lr", type=positive_float, default=1e-5,
+                   help="SPIN's own lr (picked on chain's dev split)")
     p.add_argument("--spin-beta", type=positive_float, default=0.1, help="SPIN's λ")
     p.add_argument("--eval-split", default="test", choices=("dev", "test"))
     p.add_argument("--tune", action="store_true",

@@ -171,6 +171,29 @@ def test_map_end_to_end_tiny(tmp_path):
     assert (tmp_path / "docs" / "map_totals.png").exists()
 
 
+def test_map_runs_sft_at_another_methods_lr(tmp_path, monkeypatch):
+    """Where a method's dev pick is another lr than SFT's, Δ mixes the method with the lr: the
+    map also runs continued SFT at that lr and reports Δ against it."""
+    base = {"epochs": 1.0, "iterations": 1, "beta": 0.2, "rac_temperature": 1.0}
+    monkeypatch.setattr(study_map, "tune", lambda *a: {"sft": {**base, "lr": 3e-4},
+                                                       "bash": {**base, "lr": 1e-4}})
+    out = tmp_path / "map"
+    study_map.main(["--tasks", "totals", "--seeds", "0", "--methods", "sft", "bash",
+                    "--train-size", "16", "--dev-size", "4", "--test-size", "4",
+                    "--warmup-epochs", "1", "--n-layer", "1", "--n-embd", "32", "--batch-size",
+                    "8", "--micro-batch-size", "8", "--out", str(out), "--to", str(tmp_path)])
+    state = json.loads((out / "totals.json").read_text())
+    res = state["results"]
+    assert sorted(k for k in res if k.startswith("test")) == [
+        "test|1|bash|0", "test|1|sft@0.0001|0", "test|1|sft|0"]
+    control = res["test|1|sft@0.0001|0"]
+    assert control["settings"]["lr"] == 1e-4 and control["steps"] == res["test|1|sft|0"]["steps"]
+    bash = next(c for c in state["cells"] if c["method"] == "bash")
+    own = 100 * res["test|1|bash|0"]["accuracy"]
+    assert bash["delta"][0] == pytest.approx(own - 100 * res["test|1|sft|0"]["accuracy"])
+    assert bash["delta_same_lr"][0] == pytest.approx(own - 100 * control["accuracy"])
+
+
 def test_preference_rows_share_one_pair_file_at_their_own_settings(tmp_path):
     """Table 4's analogue: one pair file, built once from the warm-up, for DPO after continued
     SFT and after RAC; DPO and SPIN at their own lr and λ, not the continuation's."""
