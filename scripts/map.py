@@ -282,17 +282,17 @@ def plot(task, state, to: Path):
     for i, method in enumerate(("bash", "rac")):
         cs = [c for c in state["cells"] if c["method"] == method and c["delta"]]
         x = [100 * state["warm_test"][str(c["stage"])] for c in cs]
-        mean = [c["delta"][0] for c in cs]
-        half = [c["delta"][1] or 0.0 for c in cs]
-        ax.plot(x, mean, "o-", c=f"C{i}", label=f"{method.upper()} − continued SFT")
+        # the line: Δ vs continued SFT at the method's own lr (SFT's dev pick where they agree)
+        same = [c.get("delta_same_lr") or c["delta"] for c in cs]
+        mean, half = [d[0] for d in same], [d[1] or 0.0 for d in same]
+        ax.plot(x, mean, "o-", c=f"C{i}", label=f"{method.upper()} − continued SFT at its lr")
         ax.fill_between(x, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
                         color=f"C{i}", alpha=0.2)
-        other = [(xi, c["delta_same_lr"]) for xi, c in zip(x, cs)
-                 if c.get("delta_same_lr") and c["delta_same_lr"] != c["delta"]]
-        if other:  # where SFT's dev pick was another lr: Δ against SFT at the method's own lr
+        other = [(xi, c["delta"]) for xi, c, d in zip(x, cs, same) if d != c["delta"]]
+        if other:  # where SFT's own dev pick was another lr: Δ against that run
             ax.errorbar([o[0] for o in other], [o[1][0] for o in other], capsize=3, fmt="x",
                         yerr=[o[1][1] or 0.0 for o in other], c=f"C{i}",
-                        label=f"{method.upper()} − continued SFT at {method.upper()}'s lr")
+                        label=f"{method.upper()} − continued SFT at SFT's dev-picked lr")
         for xi, mi, c in zip(x, mean, cs):  # RAC's label precision beside its Δ
             if c.get("label_precision"):
                 ax.annotate(f"precision {c['label_precision'][0]:.2f}", (xi, mi), fontsize=8,
@@ -302,7 +302,7 @@ def plot(task, state, to: Path):
     ax.set_ylabel("paired Δ test accuracy (points)")
     seeds = max(len(c["seeds"]) for c in state["cells"])
     ax.set_title(f"{task}: Δ vs continued SFT, mean ± 95 % interval over {seeds} seeds")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     to.mkdir(parents=True, exist_ok=True)
     fig.savefig(to / f"map_{task}.png", dpi=110)
