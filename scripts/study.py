@@ -110,10 +110,11 @@ def get_args(argv=None):
     g.add_argument("--eval-samples", type=positive_int, default=1,
                    help="generations per evaluation, accuracy averaged (the paper's math: 3)")
     g = p.add_argument_group("warm-up (SFT from --init)")
-    g.add_argument("--warmup-batch-size", type=positive_int, default=32,
-                   help="rows per warm-up step (32: the plateau after 8 epochs, 64: after 11)")
-    g.add_argument("--warmup-epochs", type=positive_float, default=6.0,
-                   help="the first round (at batch 32: 6 reached 89 %% dev on chain, 7 92 %%)")
+    g.add_argument("--warmup-batch-size", type=positive_int, default=64,
+                   help="rows per warm-up step (32, with 6 epochs: the plateau after 8 epochs, "
+                        "as long as 64's 11)")
+    g.add_argument("--warmup-epochs", type=positive_float, default=10.0,
+                   help="the first round (10: 6 left chain at 10 %% dev, 8 reached 93 %%)")
     g.add_argument("--warmup-lr", type=positive_float, default=2e-3,
                    help="the first round's peak lr")
     g.add_argument("--round-epochs", type=positive_float, default=1.0,
