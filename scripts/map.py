@@ -179,12 +179,13 @@ def cells(task, stages, curve, results, seeds) -> list[dict]:
                 continue
             delta = [100 * (r["accuracy"] - get("sft", s)["accuracy"]) for s, r in rs.items()
                      if get("sft", s)]
-            lr = next(iter(rs.values()))["settings"]["lr"]  # the control: SFT at this lr
-            same = [100 * (r["accuracy"] - (get(f"sft@{lr:g}", s) or get("sft", s))["accuracy"])
-                    for s, r in rs.items() if get(f"sft@{lr:g}", s) or get("sft", s)]
+            settings = next(iter(rs.values()))["settings"]
+            control = lambda s: get(f"sft@{settings['lr']:g}", s) or get("sft", s)  # noqa: E731
+            same = [100 * (r["accuracy"] - control(s)["accuracy"]) for s, r in rs.items()
+                    if control(s)]  # Δ vs continued SFT at this method's lr
             pick = lambda k: [r[k] for r in rs.values() if r.get(k) is not None]  # noqa: E731
             rows.append({"stage": stage, "dev_accuracy": dict(curve)[stage], "method": method,
-                         "seeds": sorted(rs), "settings": next(iter(rs.values()))["settings"],
+                         "seeds": sorted(rs), "settings": settings,
                          "accuracy": study.mean_ci([100 * a for a in pick("accuracy")]),
                          "delta": study.mean_ci(delta) if method != "sft" else None,
                          "delta_same_lr": study.mean_ci(same) if method != "sft" else None,
