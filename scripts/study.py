@@ -110,9 +110,9 @@ def get_args(argv=None):
     g.add_argument("--eval-samples", type=positive_int, default=1,
                    help="generations per evaluation, accuracy averaged (the paper's math: 3)")
     g = p.add_argument_group("warm-up (SFT from --init)")
-    g.add_argument("--warmup-batch-size", type=positive_int, default=64,
-                   help="rows per warm-up step (32, with 6 epochs: the plateau after 8 epochs, "
-                        "as long as 64's 11)")
+    g.add_argument("--warmup-batch-size", type=positive_int, default=None,
+                   help="rows per warm-up step (default --batch-size; 32 with 6 epochs: the "
+                        "plateau after 8 epochs, as long as 64's 11)")
     g.add_argument("--warmup-epochs", type=positive_float, default=10.0,
                    help="the first round (10: 6 left chain at 10 %% dev, 8 reached 93 %%)")
     g.add_argument("--warmup-lr", type=positive_float, default=2e-3,
@@ -240,20 +240,21 @@ def warm_up(folder: Path, data: dict, args) -> Path:
 def sft_round(out: Path, init, data: dict, epochs, lr, args) -> float:
     """One round of the warm-up (SFT on the training and reference rows, saved every epoch and
     evaluated on dev at its end: the plateau is a property of rounds); returns that accuracy."""
+    batch = args.warmup_batch_size or args.batch_size
     settings = {"init": str(init), "epochs": epochs, "lr": lr, "train": args.train_size,
-                "terms": args.terms, "digits": args.digits, "batch": args.warmup_batch_size,
+                "terms": args.terms, "digits": args.digits, "batch": batch,
                 "precision": args.precision}
     done = out / "settings.json"
     if not (done.exists() and json.loads(done.read_text()) == settings):
         rows = len(data["warmup"].read_text().splitlines())
-        per_epoch = train.steps_per_epoch(rows, args.warmup_batch_size)
+        per_epoch = train.steps_per_epoch(rows, batch)
         again = (out / "log.jsonl").exists() and not done.exists()  # interrupted: resume it
         if not again:
             shutil.rmtree(out, ignore_errors=True)
         argv = common({**data, "train": data["warmup"]}, "dev", out, args, "--init", init,
                       "--method", "sft", "--iter-epochs", epochs, "--lr", lr, "--seed", 0,
                       "--eval-every", 0, "--save-every", per_epoch,
-                      *(["--resume"] if again else []), batch=args.warmup_batch_size)
+                      *(["--resume"] if again else []), batch=batch)
         print(f"{out}: SFT, {epochs} epochs at lr {lr:g} from {init}", flush=True)
         train.run(train.get_args(argv))
         done.write_text(json.dumps(settings))

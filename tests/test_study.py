@@ -90,8 +90,11 @@ def test_gsm_from_a_pretrained_checkpoint(tmp_path):
 
 def test_chain_from_scratch_writes_reference_rows(tmp_path):
     out = tmp_path / "study"
+    sizes = TINY_SIZES[:2] + TINY_SIZES[4:]  # no --warmup-batch-size: the warm-up's is --batch-size
     study.main(["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
-                "--methods", "sft", "--out", str(out), *TINY_SIZES])
+                "--methods", "sft", "--out", str(out), *sizes])
+    warm = json.loads((out / "chain" / "warmup" / "checkpoint" / "run.json").read_text())
+    assert warm["settings"]["batch_size"] == 4
     data_dir = out / "chain" / "data"
     train_rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
     warmup = [json.loads(line) for line in (data_dir / "warmup.jsonl").read_text().splitlines()]
