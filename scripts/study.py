@@ -20,8 +20,9 @@ warm-up is SFT from it instead of from nothing, and the table opens with the che
 score; --tasks gsm takes the GSM-style splits of scripts/make_gsm.py instead of arithmetic (the
 README's "A real pretrained model" has the commands and sizes).
 
-Tables go to <out>/<split>/<task>.md and .json (scripts/plot_study.py draws them); wall time
-includes the warm-up unless it was already there.
+Tables go to <out>/<split>/<task>.md and .json (scripts/plot_study.py draws them). A rerun
+reuses the finished warm-up rounds and runs (an interrupted one resumes or starts afresh); wall
+time counts what this call ran.
 """
 import argparse
 import json
@@ -263,18 +264,26 @@ def sft_round(out: Path, init, data: dict, epochs, lr, args) -> float:
 
 
 def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eval_split, args):
-    """One method's continuation from the warm-up; returns train.run's result."""
-    shutil.rmtree(out, ignore_errors=True)  # the study's own folder: a rerun starts it afresh
+    """One method's continuation from the warm-up; returns train.run's result. A finished one is
+    reused (out/result.json: the same command from the same checkpoint files), so a long study
+    stopped part-way loses no finished run; any other is started afresh."""
     argv = common(data, eval_split, out, args, "--init", init, "--method", method, "--seed", seed,
                   "--lr", settings["lr"], "--iterations", settings["iterations"],
                   "--iter-epochs", settings["epochs"] / settings["iterations"],
                   "--beta", settings["beta"], "--rac-temperature", settings["rac_temperature"],
                   "--dpo-beta", settings.get("dpo_beta", 0.1))
+    done = out / "result.json"
+    key = {"argv": [str(a) for a in argv], "init": {f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+                                                     for f in sorted(Path(init).iterdir())}}
+    if done.exists() and (saved := json.loads(done.read_text()))["key"] == key:
+        return saved["result"]
+    shutil.rmtree(out, ignore_errors=True)  # the study's own folder
     res, _ = train.run(train.get_args(argv))
     res = {k: v for k, v in res.items() if k != "sample"}
     if method == "rac" and data.get("form") in BUILTIN_FORMS:  # the set it trained on
         saved = torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)
         res.update(label_precision(data["form"], load_tokenizer(init), saved["offline"]))
+    write_atomic(done, json.dumps({"key": key, "result": res}))
     return res
 
 
@@ -466,10 +475,14 @@ def save(root: Path, task, results, seeds, split, t0) -> str:
     text = table(task, results, seeds, split)
     text += f"\n\nwall time {(time.perf_counter() - t0) / 60:.1f} min\n"
     for name, body in ((f"{task}.md", text), (f"{task}.json", json.dumps(results, indent=1))):
-        tmp = root / (name + ".tmp")
-        tmp.write_text(body)
-        os.replace(tmp, root / name)
+        write_atomic(root / name, body)
     return text
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None):

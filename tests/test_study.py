@@ -108,6 +108,26 @@ def test_chain_from_scratch_writes_reference_rows(tmp_path):
     assert [r["label"] for r in results] == ["warm-up", "sft"]  # no pretrained row from scratch
 
 
+def test_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    argv = ["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
+            "--methods", "sft", "rac", "--out", str(out), *TINY_SIZES]
+    study.main(argv)
+    first = json.loads((out / "test" / "chain.json").read_text())
+    ran, real_run = [], train.run
+    monkeypatch.setattr(train, "run", lambda a: ran.append(a.method) or real_run(a))
+    study.main(argv)  # nothing changed: no continuation runs again, the same results
+    assert ran == [] and json.loads((out / "test" / "chain.json").read_text()) == first
+    assert "label_precision" in first[-1]  # RAC's, reused with the rest of its result
+    ckpt = out / "chain" / "warmup" / "checkpoint" / "model.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes())  # the warm-up rewritten: its continuations are stale
+    study.main(argv)
+    assert ran == ["sft", "rac"]
+    ran.clear()
+    study.main(argv[:-len(TINY_SIZES)] + ["--lr", "1e-3", *TINY_SIZES])  # another command
+    assert ran == ["sft", "rac"]
+
+
 import map as study_map  # noqa: E402  (scripts/map.py)
 from data import byte_tokenizer  # noqa: E402
 
