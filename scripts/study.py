@@ -114,6 +114,9 @@ def get_args(argv=None):
     g.add_argument("--warmup-batch-size", type=positive_int, default=None,
                    help="rows per warm-up step (default --batch-size; 32 with 6 epochs: the "
                         "plateau after 8 epochs, as long as 64's 11)")
+    g.add_argument("--ref-share", type=fraction, default=1.0,
+                   help="share of the training problems whose reference row f(x, y) -> y joins "
+                        "the warm-up (the built-in tasks)")
     g.add_argument("--warmup-epochs", type=positive_float, default=10.0,
                    help="the first round (10: 6 left chain at 10 %% dev, 8 reached 93 %%)")
     g.add_argument("--warmup-lr", type=positive_float, default=2e-3,
@@ -140,10 +143,14 @@ def get_args(argv=None):
 # Data and the warm-up
 
 
-def write_jsonl(path: Path, rows):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows):
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_splits(folder: Path, form, args) -> dict:
@@ -163,8 +170,9 @@ def write_splits(folder: Path, form, args) -> dict:
             sys.exit(f"error: --{name}-size {n}: only {len(fresh)} distinct new problems exist")
         splits[name] = [{"prompt": e.prompt, "response": e.response} for e in fresh[:n]]
     template = getattr(args, "template", "arith")
+    refs = splits["train"][:round(args.ref_share * args.train_size)]
     splits["warmup"] = [as_template(r, template) for r in splits["train"]] + [
-        reference_row(r["prompt"], r["response"], template) for r in splits["train"]]
+        reference_row(r["prompt"], r["response"], template) for r in refs]
     for name in ("train", "dev", "test"):  # every file in the warm-up's shape: train.py mixes none
         splits[name] = [as_template(r, template) for r in splits[name]]
     paths = {}
@@ -243,8 +251,8 @@ def sft_round(out: Path, init, data: dict, epochs, lr, args) -> float:
     evaluated on dev at its end: the plateau is a property of rounds); returns that accuracy."""
     batch = args.warmup_batch_size or args.batch_size
     settings = {"init": str(init), "epochs": epochs, "lr": lr, "train": args.train_size,
-                "terms": args.terms, "digits": args.digits, "batch": batch,
-                "precision": args.precision}
+                "terms": args.terms, "digits": args.digits, "refs": args.ref_share,
+                "batch": batch, "precision": args.precision}
     done = out / "settings.json"
     if not (done.exists() and json.loads(done.read_text()) == settings):
         rows = len(data["warmup"].read_text().splitlines())
@@ -477,12 +485,6 @@ def save(root: Path, task, results, seeds, split, t0) -> str:
     for name, body in ((f"{task}.md", text), (f"{task}.json", json.dumps(results, indent=1))):
         write_atomic(root / name, body)
     return text
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

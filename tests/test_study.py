@@ -108,6 +108,22 @@ def test_chain_from_scratch_writes_reference_rows(tmp_path):
     assert [r["label"] for r in results] == ["warm-up", "sft"]  # no pretrained row from scratch
 
 
+def test_ref_share_writes_reference_rows_for_the_first_problems_only(tmp_path):
+    out = tmp_path / "study"
+    argv = ["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
+            "--methods", "sft", "--out", str(out), *TINY_SIZES]
+    study.main(argv + ["--ref-share", "0.5"])
+    data_dir = out / "chain" / "data"
+    train_rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    warmup = [json.loads(line) for line in (data_dir / "warmup.jsonl").read_text().splitlines()]
+    assert warmup == train_rows + [{"prompt": f"ref {r['response']}\n{r['prompt']}",
+                                    "response": r["response"]} for r in train_rows[:4]]
+    settings = json.loads((out / "chain" / "warmup" / "settings.json").read_text())
+    study.main(argv)  # all reference rows: another warm-up, not the one above reused
+    assert json.loads((out / "chain" / "warmup" / "settings.json").read_text()) != settings
+    assert len((data_dir / "warmup.jsonl").read_text().splitlines()) == 16
+
+
 def test_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path, monkeypatch):
     out = tmp_path / "study"
     argv = ["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
