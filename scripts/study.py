@@ -170,7 +170,7 @@ def write_splits(folder: Path, form, args) -> dict:
             sys.exit(f"error: --{name}-size {n}: only {len(fresh)} distinct new problems exist")
         splits[name] = [{"prompt": e.prompt, "response": e.response} for e in fresh[:n]]
     template = getattr(args, "template", "arith")
-    refs = splits["train"][:round(args.ref_share * args.train_size)]
+    refs = splits["train"][:round(getattr(args, "ref_share", 1.0) * args.train_size)]
     splits["warmup"] = [as_template(r, template) for r in splits["train"]] + [
         reference_row(r["prompt"], r["response"], template) for r in refs]
     for name in ("train", "dev", "test"):  # every file in the warm-up's shape: train.py mixes none
