@@ -90,17 +90,17 @@ def test_gsm_from_a_pretrained_checkpoint(tmp_path):
 
 def test_chain_from_scratch_writes_reference_rows(tmp_path):
     out = tmp_path / "study"
-    sizes = TINY_SIZES[:2] + TINY_SIZES[4:]  # no --warmup-batch-size: the warm-up's is --batch-size
+    sizes = TINY_SIZES[:2] + TINY_SIZES[4:]  # no --warmup-batch-size
     study.main(["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
                 "--methods", "sft", "--out", str(out), *sizes])
     warm = json.loads((out / "chain" / "warmup" / "checkpoint" / "run.json").read_text())
-    assert warm["settings"]["batch_size"] == 4
+    assert warm["settings"]["batch_size"] == 3  # 2 problems a step and half as many references
     data_dir = out / "chain" / "data"
     train_rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
     warmup = [json.loads(line) for line in (data_dir / "warmup.jsonl").read_text().splitlines()]
-    # f(x, y) -> y for every training row, after the rows themselves
+    # f(x, y) -> y for the first half of the training rows (--ref-share 0.5), after the rows
     assert warmup == train_rows + [{"prompt": f"ref {r['response']}\n{r['prompt']}",
-                                    "response": r["response"]} for r in train_rows]
+                                    "response": r["response"]} for r in train_rows[:4]]
     prompts = [set(json.loads(line)["prompt"] for line in (data_dir / f"{n}.jsonl").read_text()
                    .splitlines()) for n in ("train", "dev", "test")]
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
@@ -108,20 +108,22 @@ def test_chain_from_scratch_writes_reference_rows(tmp_path):
     assert [r["label"] for r in results] == ["warm-up", "sft"]  # no pretrained row from scratch
 
 
-def test_ref_share_writes_reference_rows_for_the_first_problems_only(tmp_path):
+def test_ref_share_1_writes_every_reference_row_at_the_whole_batch(tmp_path):
     out = tmp_path / "study"
     argv = ["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
-            "--methods", "sft", "--out", str(out), *TINY_SIZES]
-    study.main(argv + ["--ref-share", "0.5"])
+            "--methods", "sft", "--out", str(out), *TINY_SIZES[:2], *TINY_SIZES[4:]]
+    study.main(argv + ["--ref-share", "1"])
     data_dir = out / "chain" / "data"
     train_rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
     warmup = [json.loads(line) for line in (data_dir / "warmup.jsonl").read_text().splitlines()]
     assert warmup == train_rows + [{"prompt": f"ref {r['response']}\n{r['prompt']}",
-                                    "response": r["response"]} for r in train_rows[:4]]
+                                    "response": r["response"]} for r in train_rows]
+    warm = json.loads((out / "chain" / "warmup" / "checkpoint" / "run.json").read_text())
+    assert warm["settings"]["batch_size"] == 4  # --batch-size, as before the share existed
     settings = json.loads((out / "chain" / "warmup" / "settings.json").read_text())
-    study.main(argv)  # all reference rows: another warm-up, not the one above reused
+    study.main(argv)  # half the reference rows: another warm-up, not the one above reused
     assert json.loads((out / "chain" / "warmup" / "settings.json").read_text()) != settings
-    assert len((data_dir / "warmup.jsonl").read_text().splitlines()) == 16
+    assert len((data_dir / "warmup.jsonl").read_text().splitlines()) == 12
 
 
 def test_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path, monkeypatch):
@@ -266,7 +268,7 @@ def test_chat_template_reference_rows_are_the_rac_prompts(tmp_path):
     """--template chat: the warm-up's reference rows f(x, y) -> y are the paper's QA_REF in a
     user turn after its system prompt, token for token the f(x, y) that RAC's labeller reads."""
     args = study.get_args(["--template", "chat", "--train-size", "3", "--dev-size", "2",
-                           "--test-size", "2"])
+                           "--test-size", "2", "--ref-share", "1"])
     data = study.write_splits(tmp_path / "data", "chain", args)
     assert (data["template"], data["form"]) == ("chat", "chain")
     tok = train.byte_tokenizer()
