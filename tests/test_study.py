@@ -91,8 +91,9 @@ def test_gsm_from_a_pretrained_checkpoint(tmp_path):
 def test_chain_from_scratch_writes_reference_rows(tmp_path):
     out = tmp_path / "study"
     sizes = TINY_SIZES[:2] + TINY_SIZES[4:]  # no --warmup-batch-size
-    study.main(["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
-                "--methods", "sft", "--out", str(out), *sizes])
+    argv = ["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
+            "--methods", "sft", "--out", str(out), *sizes]
+    study.main(argv)
     warm = json.loads((out / "chain" / "warmup" / "checkpoint" / "run.json").read_text())
     assert warm["settings"]["batch_size"] == 3  # 2 problems a step and half as many references
     data_dir = out / "chain" / "data"
@@ -106,24 +107,14 @@ def test_chain_from_scratch_writes_reference_rows(tmp_path):
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
     results = json.loads((out / "test" / "chain.json").read_text())
     assert [r["label"] for r in results] == ["warm-up", "sft"]  # no pretrained row from scratch
-
-
-def test_ref_share_1_writes_every_reference_row_at_the_whole_batch(tmp_path):
-    out = tmp_path / "study"
-    argv = ["--tasks", "chain", "--train-size", "8", "--dev-size", "4", "--test-size", "4",
-            "--methods", "sft", "--out", str(out), *TINY_SIZES[:2], *TINY_SIZES[4:]]
-    study.main(argv + ["--ref-share", "1"])
-    data_dir = out / "chain" / "data"
-    train_rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    settings = json.loads((out / "chain" / "warmup" / "settings.json").read_text())
+    study.main(argv + ["--ref-share", "1"])  # every reference row: another warm-up, not reused
     warmup = [json.loads(line) for line in (data_dir / "warmup.jsonl").read_text().splitlines()]
     assert warmup == train_rows + [{"prompt": f"ref {r['response']}\n{r['prompt']}",
                                     "response": r["response"]} for r in train_rows]
     warm = json.loads((out / "chain" / "warmup" / "checkpoint" / "run.json").read_text())
     assert warm["settings"]["batch_size"] == 4  # --batch-size, as before the share existed
-    settings = json.loads((out / "chain" / "warmup" / "settings.json").read_text())
-    study.main(argv)  # half the reference rows: another warm-up, not the one above reused
     assert json.loads((out / "chain" / "warmup" / "settings.json").read_text()) != settings
-    assert len((data_dir / "warmup.jsonl").read_text().splitlines()) == 12
 
 
 def test_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path, monkeypatch):
@@ -140,9 +131,6 @@ def test_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path, monkeypatc
     ckpt = out / "chain" / "warmup" / "checkpoint" / "model.safetensors"
     ckpt.write_bytes(ckpt.read_bytes())  # the warm-up rewritten: its continuations are stale
     study.main(argv)
-    assert ran == ["sft", "rac"]
-    ran.clear()
-    study.main(argv[:-len(TINY_SIZES)] + ["--lr", "1e-3", *TINY_SIZES])  # another command
     assert ran == ["sft", "rac"]
 
 
