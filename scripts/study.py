@@ -5,7 +5,8 @@ Everything runs on a CPU with nothing to download. Per task (data.builtin_task):
   2. one warm-up: a small model trained from scratch with SFT, in rounds, until a round no
      longer raises the dev accuracy (each round's dev evaluation at its end, in <out>/<task>/
      warmup*/log.jsonl, shows the plateau), on the training rows and the reference rows
-     f(x, y) -> y, so that the model has learnt to use a reference answer, which RAC's labels need;
+     f(x, y) -> y of --ref-share of them, so that the model has learnt to use a reference answer,
+     which RAC's labels need;
   3. from that one checkpoint, each method continues for the same number of steps, once per seed:
      continued SFT, BASH (J_SFT + J_BASH), RAC (J_SFT + J_RAC); scored by exact match of the
      final answer (greedy) on the test split, or on dev with --eval-split dev (for --tune).
@@ -292,8 +293,7 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
                   "--beta", settings["beta"], "--rac-temperature", settings["rac_temperature"],
                   "--dpo-beta", settings.get("dpo_beta", 0.1))
     done = out / "result.json"
-    key = {"argv": [str(a) for a in argv], "init": {f.name: [f.stat().st_size, f.stat().st_mtime_ns]
-                                                     for f in sorted(Path(init).iterdir())}}
+    key = {"argv": [str(a) for a in argv], "init": stamp(Path(init))}
     if done.exists() and (saved := json.loads(done.read_text()))["key"] == key:
         return saved["result"]
     shutil.rmtree(out, ignore_errors=True)  # the study's own folder
@@ -304,6 +304,11 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
         res.update(label_precision(data["form"], load_tokenizer(init), saved["offline"]))
     write_atomic(done, json.dumps({"key": key, "result": res}))
     return res
+
+
+def stamp(folder: Path) -> dict:
+    """Each file's size and modification time: what a rewritten checkpoint changes."""
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())}
 
 
 def evaluate_checkpoint(init: Path, data: dict, split: str, args) -> dict:
