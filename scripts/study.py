@@ -294,8 +294,8 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
                   "--dpo-beta", settings.get("dpo_beta", 0.1))
     done = out / "result.json"
     key = {"argv": [str(a) for a in argv], "init": stamp(Path(init))}
-    if done.exists() and (saved := json.loads(done.read_text()))["key"] == key:
-        return saved["result"]
+    if (saved := finished(done, key)) is not None:
+        return saved
     shutil.rmtree(out, ignore_errors=True)  # the study's own folder
     res, _ = train.run(train.get_args(argv))
     res = {k: v for k, v in res.items() if k != "sample"}
@@ -304,6 +304,17 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
         res.update(label_precision(data["form"], load_tokenizer(init), saved["offline"]))
     write_atomic(done, json.dumps({"key": key, "result": res}))
     return res
+
+
+def finished(done: Path, key: dict) -> dict | None:
+    """The result saved in `done` under the same key, or None: missing, unreadable (a hand-edited
+    file is run again, not trusted) or another key."""
+    try:
+        saved = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None
+    same = isinstance(saved, dict) and saved.get("key") == key
+    return saved.get("result") if same and isinstance(saved.get("result"), dict) else None
 
 
 def stamp(folder: Path) -> dict:

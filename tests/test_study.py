@@ -132,6 +132,10 @@ def test_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path, monkeypatc
     ckpt.write_bytes(ckpt.read_bytes())  # the warm-up rewritten: its continuations are stale
     study.main(argv)
     assert ran == ["sft", "rac"]
+    ran.clear()
+    (out / "test" / "chain" / "seed0" / "rac" / "result.json").write_text("{")  # unreadable
+    study.main(argv)
+    assert ran == ["rac"]
 
 
 import map as study_map  # noqa: E402  (scripts/map.py)
