@@ -253,8 +253,10 @@ def warmup_batch(data: dict, args) -> int:
     """--warmup-batch-size, or rows for --batch-size / 2 training problems a step with their share
     of reference rows (at share 1: --batch-size); GSM's warm-up, without reference rows, at
     --batch-size."""
-    if args.warmup_batch_size or data.get("form") not in BUILTIN_FORMS:
-        return args.warmup_batch_size or args.batch_size
+    if args.warmup_batch_size:
+        return args.warmup_batch_size
+    if data.get("form") not in BUILTIN_FORMS:
+        return args.batch_size
     return round(args.batch_size * (1 + args.ref_share) / 2)
 
 
