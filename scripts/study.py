@@ -268,7 +268,7 @@ def sft_round(out: Path, init, data: dict, epochs, lr, args) -> float:
                 "terms": args.terms, "digits": args.digits, "refs": args.ref_share,
                 "batch": batch, "precision": args.precision}
     done = out / "settings.json"
-    if not (done.exists() and json.loads(done.read_text()) == settings):
+    if saved_json(done) != settings:
         rows = len(data["warmup"].read_text().splitlines())
         per_epoch = train.steps_per_epoch(rows, batch)
         again = (out / "log.jsonl").exists() and not done.exists()  # interrupted: resume it
@@ -296,8 +296,10 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
                   "--dpo-beta", settings.get("dpo_beta", 0.1))
     done = out / "result.json"
     key = {"argv": [str(a) for a in argv], "init": stamp(Path(init))}
-    if (saved := finished(done, key)) is not None:
-        return saved
+    saved = saved_json(done)
+    same = isinstance(saved, dict) and saved.get("key") == key
+    if same and isinstance(saved.get("result"), dict):
+        return saved["result"]
     shutil.rmtree(out, ignore_errors=True)  # the study's own folder
     res, _ = train.run(train.get_args(argv))
     res = {k: v for k, v in res.items() if k != "sample"}
@@ -308,15 +310,13 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
     return res
 
 
-def finished(done: Path, key: dict) -> dict | None:
-    """The result saved in `done` under the same key, or None: missing, unreadable (a hand-edited
-    file is run again, not trusted) or another key."""
+def saved_json(done: Path):
+    """What a finished run saved in `done`, or None when it is missing or unreadable: a
+    half-written or hand-edited file means the run is done again, not trusted or crashed on."""
     try:
-        saved = json.loads(done.read_text())
+        return json.loads(done.read_text())
     except (OSError, ValueError):
         return None
-    same = isinstance(saved, dict) and saved.get("key") == key
-    return saved.get("result") if same and isinstance(saved.get("result"), dict) else None
 
 
 def stamp(folder: Path) -> dict:

@@ -136,6 +136,10 @@ def test_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path, monkeypatc
     (out / "test" / "chain" / "seed0" / "rac" / "result.json").write_text("{")  # unreadable
     study.main(argv)
     assert ran == ["rac"]
+    ran.clear()
+    (out / "chain" / "warmup" / "settings.json").write_text("{")  # the warm-up's, unreadable
+    study.main(argv)
+    assert ran[0] == "sft" and ran[-2:] == ["sft", "rac"]  # the warm-up again, then both
 
 
 import map as study_map  # noqa: E402  (scripts/map.py)
