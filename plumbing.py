@@ -55,6 +55,22 @@ def error_line(e: BaseException) -> str:
     return "error: " + " ".join(what.split())
 
 
+DEBUG_ENV = "BASH_RAC_DEBUG"  # set (to anything but 0) for tracebacks instead of error lines
+
+
+def script_main(name: str, body, debug: bool = False):
+    """Run a script's body; any exception that escapes it ends in one `error: <name>: ...` line
+    and exit 1, unless --debug or $BASH_RAC_DEBUG asks for the traceback."""
+    try:
+        return body()
+    except Exception as e:
+        if debug or os.environ.get(DEBUG_ENV, "0") != "0":
+            raise
+        line = error_line(e) if isinstance(e, EXPECTED) else (
+            f"error: {type(e).__name__}: {e} (--debug or {DEBUG_ENV}=1 shows the traceback)")
+        sys.exit(" ".join(line.replace("error: ", f"error: {name}: ", 1).split()))
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags: argparse types that check the range when the command line is parsed
 

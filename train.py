@@ -643,9 +643,12 @@ def make_tokenizer(args):
 def make_model(args, tok, device):
     if args.init != "scratch":
         return from_pretrained(args.init, device=device)
+    # the tokenizer's own ids, so that other tools (transformers' generate) stop where we do
+    ids = {"bos_token_id": tok.bos_id if tok.bos_id is not None else tok.eos_id,
+           "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
     fields = dict(arch=args.arch, vocab_size=tok.vocab_size, block_size=args.block_size,
                   n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                  tie_embeddings=True, dropout=args.dropout)
+                  tie_embeddings=True, dropout=args.dropout, token_ids=ids)
     cfg = checked_config(fields, "--init scratch", {k: "--" + k.replace("_", "-") for k in fields})
     n = param_count(cfg)  # fp32 weights, gradients and AdamW's two moments: 16 bytes each
     check_memory(16 * n, f"--init scratch: a model of {n:,} parameters (--n-layer {cfg.n_layer}, "
@@ -922,8 +925,9 @@ def get_args(argv=None):
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=positive_int, default=64,
                    help="global batch in rows per optimizer step (paper: 512)")
-    g.add_argument("--micro-batch-size", type=positive_int, default=64,
-                   help="rows per forward/backward on each process")
+    g.add_argument("--micro-batch-size", type=positive_int, default=None,
+                   help="rows per forward/backward on each process (default: the batch, at "
+                        "most 64)")
     g.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate; default 2e-3 for --init scratch, 1e-5 pretrained")
     g.add_argument("--min-lr", type=non_negative_float, default=None,
@@ -971,6 +975,7 @@ def get_args(argv=None):
     if args.lr is None:
         args.lr = 2e-3 if args.init == "scratch" else 1e-5
     args.out = args.out or f"out/{args.method}"
+    args.micro_batch_size = args.micro_batch_size or min(args.batch_size, 64)
     if args.micro_batch_size > args.batch_size:
         p.error(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size "
                 f"{args.batch_size} (at most the batch)")

@@ -38,7 +38,7 @@ import study  # noqa: E402
 import train  # noqa: E402
 from data import BUILTIN_FORMS  # noqa: E402
 from plumbing import (device_name, fraction, non_negative_float, non_negative_int,  # noqa: E402
-                      positive_float, positive_int)
+                      positive_float, positive_int, script_main)
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
@@ -50,6 +50,8 @@ def get_args(argv=None):
     p.add_argument("--out", default="out/map")
     p.add_argument("--to", default="docs", help="folder for the pictures")
     p.add_argument("--plot-only", action="store_true", help="draw the pictures, run nothing")
+    p.add_argument("--debug", action="store_true",
+                   help="a failure prints its traceback, not one error line")
     p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     g = p.add_argument_group("data and batches (smaller than the study's: 60 test runs a task)")
@@ -312,6 +314,10 @@ def plot(task, state, to: Path):
 
 def main(argv=None):
     args = get_args(argv)
+    script_main("map.py", lambda: draw_map(args), args.debug)  # any failure: one error line
+
+
+def draw_map(args):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for task in args.tasks:
         if not args.plot_only:

@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 from make_pairs import make_pairs  # noqa: E402
 from data import BUILTIN_FORMS, QA_REF, QA_SYSTEM, builtin_task, load_tokenizer  # noqa: E402
-from plumbing import (EXPECTED, device_name, error_line, fraction, non_negative_float,  # noqa: E402
-                      non_negative_int, out_folder, positive_float, positive_int)
+from plumbing import (device_name, fraction, non_negative_float,  # noqa: E402
+                      non_negative_int, out_folder, positive_float, positive_int,
+                      script_main)
 from model import from_pretrained  # noqa: E402
 
 import torch  # noqa: E402
@@ -87,6 +88,8 @@ def get_args(argv=None):
     p.add_argument("--tune", action="store_true",
                    help="score on dev a grid of continuation lr, BASH beta and RAC temperature")
     p.add_argument("--out", type=out_folder, default="out/study")
+    p.add_argument("--debug", action="store_true",
+                   help="a failure prints its traceback, not one error line")
     p.add_argument("--device", type=device_name, default="cpu",
                    help="cpu (the numbers in the README), or cuda for the full-size GSM study")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
@@ -518,10 +521,7 @@ def save(root: Path, task, results, seeds, split, t0) -> str:
 
 def main(argv=None):
     args = get_args(argv)
-    try:
-        study(args)
-    except EXPECTED as e:  # a failed run inside the study: its one line, in the study's name
-        sys.exit(error_line(e).replace("error: ", "error: study.py: ", 1))
+    script_main("study.py", lambda: study(args), args.debug)  # any failure: one error line
 
 
 def study(args):

@@ -285,3 +285,28 @@ def test_chat_template_reference_rows_are_the_rac_prompts(tmp_path):
     # one shape in every file, so that the warm-up (warmup.jsonl) can evaluate on dev.jsonl
     dev, _ = train.load_rows(data["dev"], tok, "chat", 512, "fail", False)
     assert {r.shape for r in train_rows + warm + dev} == {"messages"}
+
+
+@pytest.mark.parametrize("script", ["study", "map"])
+def test_an_unexpected_failure_is_one_error_line(script, monkeypatch, capsys, tmp_path):
+    """Any exception that escapes the study or the map (a missing module, as numpy once was)
+    ends in one `error:` line naming the script and the exception; --debug or BASH_RAC_DEBUG=1
+    gives the traceback instead."""
+    import map as study_map
+    module, body = (study, "study") if script == "study" else (study_map, "draw_map")
+
+    def missing(args):
+        raise ModuleNotFoundError("No module named 'numpy'")
+    monkeypatch.setattr(module, body, missing)
+    argv = ["--out", str(tmp_path / "o")]
+    monkeypatch.delenv("BASH_RAC_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    line = str(e.value.code)
+    assert line.startswith(f"error: {script}.py: ModuleNotFoundError: No module named 'numpy'")
+    assert "\n" not in line
+    with pytest.raises(ModuleNotFoundError):
+        module.main(argv + ["--debug"])
+    monkeypatch.setenv("BASH_RAC_DEBUG", "1")
+    with pytest.raises(ModuleNotFoundError):
+        module.main(argv)

@@ -716,3 +716,43 @@ def test_help():
     assert rc == 0, err
     for flag in ("--method", "--init", "--data", "--resume", "--micro-batch-size"):
         assert flag in out
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. First contact: defaults a user never chose, and a scratch checkpoint other tools read
+
+
+def test_batch_size_alone_trains(files, tmp_path):
+    """--batch-size 8 with no --micro-batch-size: the micro-batch follows the batch (at most 64)."""
+    tr, _ = files
+    args = train.get_args([*TINY, "--data", str(tr), "--out", str(tmp_path / "o"), "--batch-size", "8"])
+    assert args.micro_batch_size == 8
+    assert train.get_args([*TINY, "--data", str(tr), "--batch-size", "512"]).micro_batch_size == 64
+    res, _ = train.run(args)
+    assert res["steps"] == 4
+
+
+def test_transformers_generate_stops_on_a_scratch_checkpoints_end_of_text(tmp_path):
+    """A scratch checkpoint names the tokenizer's own end-of-text in config.json, so transformers'
+    generate stops on it exactly where ours does (with eos_token_id null it ran on to the cap)."""
+    transformers = pytest.importorskip("transformers")
+    from generate import generate
+    d = tmp_path / "stop.jsonl"  # answers of 1-3 bytes: a few steps teach the model to stop
+    d.write_text("".join(json.dumps({"prompt": f"{a}=", "response": "xyz"[:1 + a % 3]}) + "\n"
+                         for a in range(32)))
+    res, model = train.run(train.get_args([*TINY, "--data", str(d), "--out", str(tmp_path / "o"),
+                                           "--batch-size", "8", "--iter-epochs", "12",
+                                           "--lr", "1e-2"]))
+    ckpt = tmp_path / "o" / "checkpoint"
+    config = json.loads((ckpt / "config.json").read_text())
+    eos = data.byte_tokenizer().eos_id
+    assert (config["eos_token_id"], config["bos_token_id"], config["pad_token_id"]) == (eos, eos, eos)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+    stopped = 0
+    for a in (4, 5, 6, 7):
+        prompt = list(f"{a}=".encode())
+        ours = generate(model.eval(), [prompt], 20, eos_id=eos)[0]
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0]
+        assert theirs[len(prompt):].tolist() == ours, (a, ours)
+        stopped += ours[-1] == eos and len(ours) < 20
+    assert stopped == 4  # every answer ended on end-of-text before the cap
