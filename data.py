@@ -25,7 +25,8 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR",
 import tiktoken  # noqa: E402  (must come after the cache dir is set)
 import torch  # noqa: E402
 
-from plumbing import inside, is_int, json_object, parse_json, read_json, regular_lines  # noqa: E402
+from plumbing.checks import (inside, is_int, json_object, parse_json, read_json,  # noqa: E402
+                             regular_lines)
 
 
 # -----------------------------------------------------------------------------

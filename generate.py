@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from model import GPT, KVCache
-from plumbing import (EXPECTED, check_memory, device_name, error_line, non_negative_float,
-                      non_negative_int, positive_int, ranged)
+from plumbing.checks import (EXPECTED, check_memory, device_name, error_line,
+                             non_negative_float, non_negative_int, positive_int, ranged)
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):

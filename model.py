@@ -28,8 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from plumbing import (check_fields, check_memory, checked_weight, inside, is_int, json_object,
-                      open_safetensors, read_json)
+from plumbing.checks import (check_fields, check_memory, checked_weight, inside, is_int,
+                             json_object, open_safetensors, read_json)
 
 # What each family fixes in the base decoder: norm "layer" (LayerNorm) or "rms_1p" (x (1 + w));
 # mlp "gelu_tanh", "gelu" (exact erf) or "geglu" (GELU-tanh gate) instead of "swiglu"; qk_norm

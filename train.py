@@ -9,7 +9,7 @@ model; K2 steps on J_SFT + J_BASH (or J_SFT + J_RAC)}, under one cosine learning
 
 Reading order: `train` (the loop of Algorithms 1-2) -> `train_phase` -> `train_step`; the loss
 `step_loss` (J = J_SFT + J_BASH / J_RAC); the rows it reads, `bash_rows` and `rac_rows` (Eq. 4-7).
-The baselines, set-up and evaluation follow; run folders and checkpoints are in plumbing.py.
+The baselines, set-up and evaluation follow; run folders and checkpoints are in plumbing/runs.py.
 The built-in study (SFT vs BASH vs RAC on a task that needs no download) is scripts/study.py.
 """
 from __future__ import annotations
@@ -44,11 +44,11 @@ from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode
 from generate import autocast, bash_mix, decode_rows, generate, packed_linears, rac_labels
 from model import (GPT, checked_config, config_to_hf, from_pretrained, param_count,
                    save_pretrained)
-from plumbing import (EXPECTED, Interrupted, check_memory, claim_out, device_name, error_line,
-                      find_checkpoint, finite, fraction, interrupted_line, load_train_state, log,
-                      non_negative_float, non_negative_int, positive_float, positive_int,
-                      release_out, run_settings, save_checkpoint, stop_on_signals,
-                      tokenizer_files)
+from plumbing.checks import (EXPECTED, check_memory, device_name, error_line, fraction,
+                             non_negative_float, non_negative_int, positive_float, positive_int)
+from plumbing.runs import (Interrupted, claim_out, find_checkpoint, finite, interrupted_line,
+                           load_train_state, log, release_out, run_settings, save_checkpoint,
+                           stop_on_signals, tokenizer_files)
 
 # ----------------------------------------------------------------------------------------------
 # The run: Algorithm 1 (BASH) and Algorithm 2 (RAC)
@@ -510,9 +510,9 @@ class Run:
     k2: int  # steps in each of the H iterations (lines 7-18)
     rac_max_new_tokens: int
     spin_max_new_tokens: int
-    settings: dict  # what --resume compares (plumbing.run_settings)
+    settings: dict  # what --resume compares (plumbing/runs.py)
     carried: dict  # --init's tokenizer files, {name: bytes}, copied into every checkpoint
-    lock: int | None = None  # rank 0 holds the lock on out (plumbing.claim_out)
+    lock: int | None = None  # rank 0 holds the lock on out (plumbing/runs.py)
     made: Path | None = None  # the folder claim_out created, removed again if left empty
 
     @property
@@ -812,7 +812,7 @@ def evaluate_run(r: Run, state: dict, tag: str) -> dict:
 
 
 def checkpoint(r: Run, state: dict):
-    """Save the model, the optimizer and the run's state on rank 0 (plumbing.save_checkpoint).
+    """Save the model, the optimizer and the run's state on rank 0 (plumbing/runs.py).
     --fsdp: the weights and the optimizer state gathered whole onto rank 0's CPU first, so the
     checkpoint is the same Hugging Face layout, and --resume shards it again."""
     weights, opt_state = r.raw.state_dict(), None

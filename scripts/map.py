@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study  # noqa: E402
 import train  # noqa: E402
 from data import BUILTIN_FORMS  # noqa: E402
-from plumbing import (device_name, fraction, non_negative_float, non_negative_int,  # noqa: E402
-                      positive_float, positive_int, script_main)
+from plumbing.checks import (device_name, fraction, non_negative_float,  # noqa: E402
+                             non_negative_int, positive_float, positive_int, script_main)
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,

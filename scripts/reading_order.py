@@ -70,7 +70,7 @@ def page() -> str:
             a, b = defs[f][fn]
             lines.append(f"| {i} | `{fn}` | `{f}:{a}-{b}` | {what} |")
         lines.append("")
-    lines += ["Skip `plumbing.py` (run folders, checkpoints, checks on every input) and the "
+    lines += ["Skip `plumbing/` (run folders, checkpoints, checks on every input) and the "
               "baselines section of `train.py` unless you need them.", ""]
     return "\n".join(lines)
 

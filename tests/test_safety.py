@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import data
 import generate
-import plumbing
+from plumbing import checks, runs
 import train
 from model import from_pretrained
 
@@ -136,7 +136,7 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(failed_commands):
 
 
 def test_log_writes_non_finite_numbers_as_strings(tmp_path):
-    plumbing.log(tmp_path, {"step": 1, "loss": float("nan"), "lr": float("inf")})
+    runs.log(tmp_path, {"step": 1, "loss": float("nan"), "lr": float("inf")})
     rec = json.loads((tmp_path / "log.jsonl").read_text(), parse_constant=pytest.fail)
     assert rec == {"step": 1, "loss": "nan", "lr": "inf"}
 
@@ -178,7 +178,7 @@ def test_overwrite_removes_the_old_run_only_when_the_new_one_writes(good, train_
 def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(good, train_file, tmp_path):
     out = copy_run(good, tmp_path)
     before = snapshot(out)
-    fd = plumbing.lock_out(out)  # a separate open file: flock refuses it even in this process
+    fd = runs.lock_out(out)  # a separate open file: flock refuses it even in this process
     try:
         fails(train.main, args_for(train_file, out, "--resume"), "--out", f"process {os.getpid()}")
     finally:
@@ -464,7 +464,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(train_file, tmp_path, re
     rng, out = random.Random(seed), tmp_path / "run"
     argv = args_for(train_file, out, "--save-every", 1)
     for attempt in range(3):  # the first kill lands in a checkpoint write
-        holds_run = any((out / n).exists() for n in plumbing.RUN_ENTRIES)
+        holds_run = any((out / n).exists() for n in runs.RUN_ENTRIES)
         proc = start("train.py", *argv, *["--resume"] * holds_run)
         kill_when(proc, out, rng, during_save=attempt == 0)
     proc = start("train.py", *argv, "--resume")
@@ -549,7 +549,7 @@ def test_the_log_is_never_written_through_a_link(tmp_path):
     (tmp_path / "secret").write_text("x")
     (tmp_path / "log.jsonl").symlink_to(tmp_path / "secret")
     with pytest.raises(ValueError, match="log.jsonl: is a symbolic link"):
-        plumbing.log(tmp_path, {"step": 1})
+        runs.log(tmp_path, {"step": 1})
     assert (tmp_path / "secret").read_text() == "x"
 
 
@@ -559,7 +559,7 @@ def test_the_log_is_never_written_through_a_link(tmp_path):
 
 def test_deleting_the_lock_file_does_not_let_a_second_run_in(good, train_file, tmp_path):
     out = copy_run(good, tmp_path)
-    fd = plumbing.lock_out(out)
+    fd = runs.lock_out(out)
     try:
         (out / ".lock").unlink()  # what a careless user (or a cleanup script) does
         fails(train.main, args_for(train_file, out, "--resume"), "--out", "in use by another run")
@@ -602,7 +602,7 @@ def test_an_overwrite_swap_cut_short_is_completed(tmp_path):
         (out / "checkpoint.old").mkdir()
     out = tmp_path / "run"
     setup(out)
-    plumbing.commit_overwrite(out)
+    runs.commit_overwrite(out)
     renames = 0
     while True:  # cut after 0, 1, 2, ... renames until one run completes uncut
         shutil.rmtree(out)
@@ -616,14 +616,14 @@ def test_an_overwrite_swap_cut_short_is_completed(tmp_path):
             return real(self, target)
         Path.rename = cut
         try:
-            plumbing.commit_overwrite(out)
+            runs.commit_overwrite(out)
             finished = True
         except KeyboardInterrupt:
             finished = False
         finally:
             Path.rename = real
         if renames and not finished:
-            plumbing.finish_overwrite(out)  # what the next start does
+            runs.finish_overwrite(out)  # what the next start does
             assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "log.jsonl"], renames
             assert (out / "checkpoint" / "w").read_text() == "new"
             assert (out / "log.jsonl").read_text() == "new"
@@ -756,7 +756,7 @@ def test_only_regular_files_are_read(train_file, tmp_path):
 
 def test_a_line_past_the_bound_is_refused(tmp_path):
     path = tmp_path / "long.jsonl"
-    path.write_text(json.dumps({"prompt": "x" * plumbing.MAX_LINE, "response": "y"}) + "\n")
+    path.write_text(json.dumps({"prompt": "x" * checks.MAX_LINE, "response": "y"}) + "\n")
     with pytest.raises(data.DataError, match=r"long.jsonl:1: a line longer than"):
         data.read_jsonl(path)
 

@@ -1,5 +1,5 @@
 """Each tokenizer.json style against the tokenizers library, each chat template against
-transformers' apply_chat_template, and the hub-cache rule of plumbing.inside.
+transformers' apply_chat_template, and the hub-cache rule of plumbing.checks.inside.
 
 The tokenizer.json files are trained here, offline, with the tokenizers library (tiny vocabularies
 in the shape of the real ones: Mistral-7B-v0.1's SentencePiece BPE in both its forms, Qwen2's NFC

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import data  # noqa: E402
-import plumbing  # noqa: E402
+import plumbing.runs as plumbing  # noqa: E402
 import train  # noqa: E402
 from model import GPT, GPTConfig, from_pretrained, save_pretrained  # noqa: E402
 

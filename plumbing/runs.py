@@ -1,26 +1,19 @@
-"""Run folders, checkpoints and the checks on every input. A reader of the paper can skip this
-file: it holds no method, only what keeps a run from losing work or trusting bad input
-(nanochat's checkpoint_manager.py and nanoGPT's configurator.py are the precedent).
+"""Run folders, checkpoints, resuming and signals. A reader of the paper can skip this file: it
+holds no method, only what keeps a run from losing work (nanochat's checkpoint_manager.py is the
+precedent).
 
-What it guarantees (README, "Safety and failure"; tests/test_safety.py checks each point):
-- Reading: a checkpoint's files lie in its folder (no '..', absolute or symlinked names); data
-  files are regular files read once, lines bounded; JSON is an object without duplicate keys,
-  nested at most MAX_DEPTH deep; weights are floating and finite; sizes are range-checked and
-  bounded by the free memory before anything is allocated; flags are typed when parsed.
 - Writing: nothing inside --out is written through a symbolic link; a checkpoint is written to a
   fresh checkpoint.tmp and swapped in by renames, so a kill at any moment leaves a whole one.
 - Run folders: one run per --out (flock on the folder itself); a folder holding a run is refused
   unless --resume (settings, tokenizer, data, world size and train_state.pt checked) or
   --overwrite (the old run kept until the new one's first checkpoint is whole).
-- Failures: every expected failure (bad input, a bad checkpoint, a full or read-only disk,
-  SIGINT / SIGTERM) is one line, 'error: <file or flag>: <what> (<what to do>)'.
+- SIGINT / SIGTERM end a run like a failure, in one line, its folder resumable.
+(docs/safety.md; tests/test_safety.py checks each point.)
 """
-import argparse
 import contextlib
 import errno
 import fcntl
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -28,275 +21,13 @@ import pickle
 import re
 import shutil
 import signal
-import stat
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-# ----------------------------------------------------------------------------------------------
-# Failures: what bad input, a bad checkpoint or a full or read-only disk raise, as one line
-
-EXPECTED = (ValueError, OSError, KeyError, SafetensorError)
-OS_HINTS = {errno.ENOSPC: "free some space", errno.EROFS: "choose a writable place",
-            errno.EACCES: "check its permissions", errno.ENOENT: "check the path",
-            errno.EISDIR: "give a file, not a directory",
-            errno.EFBIG: "free some space, or raise the file size limit (ulimit -f)"}
-
-
-def error_line(e: BaseException) -> str:
-    """'error: <file or flag>: <what> (<what to do>)', on one line, for an EXPECTED failure."""
-    if isinstance(e, OSError) and e.filename:
-        hint = OS_HINTS.get(e.errno)
-        what = f"{e.filename}: {e.strerror}" + (f" ({hint})" if hint else "")
-    else:
-        what = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-    return "error: " + " ".join(what.split())
-
-
-DEBUG_ENV = "BASH_RAC_DEBUG"  # set (to anything but 0) for tracebacks instead of error lines
-
-
-def script_main(name: str, body, debug: bool = False):
-    """Run a script's body; any exception that escapes it ends in one `error: <name>: ...` line
-    and exit 1, unless --debug or $BASH_RAC_DEBUG asks for the traceback."""
-    try:
-        return body()
-    except Exception as e:
-        if debug or os.environ.get(DEBUG_ENV, "0") != "0":
-            raise
-        line = error_line(e) if isinstance(e, EXPECTED) else (
-            f"error: {type(e).__name__}: {e} (--debug or {DEBUG_ENV}=1 shows the traceback)")
-        sys.exit(" ".join(line.replace("error: ", f"error: {name}: ", 1).split()))
-
-
-# ----------------------------------------------------------------------------------------------
-# Flags: argparse types that check the range when the command line is parsed
-
-
-def ranged(kind, lo=None, hi=None, above=None):
-    """An argparse type: kind(text), finite, >= lo (or > above) and <= hi. argparse reports a
-    bad value as 'argument --flag: expected <the range>, got <value>'."""
-    bounds = [f"{op} {v:g}" for op, v in ((">=", lo), (">", above), ("<=", hi)) if v is not None]
-    what = f"{'an integer' if kind is int else 'a number'} {' and '.join(bounds)}"
-
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            x = math.nan
-        if not (math.isfinite(x) and (lo is None or x >= lo) and (above is None or x > above)
-                and (hi is None or x <= hi)):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return x
-    return parse
-
-
-positive_int, non_negative_int = ranged(int, lo=1), ranged(int, lo=0)
-positive_float, non_negative_float = ranged(float, above=0), ranged(float, lo=0)
-fraction = ranged(float, lo=0, hi=1)
-
-
-def device_name(text):
-    try:
-        kind = torch.device(text).type
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("CUDA is not available on this machine (use cpu)")
-    return text
-
-
-def out_folder(text):
-    """An argparse type for a script's --out folder: refused up front if it is a file."""
-    if os.path.lexists(text) and not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder (choose another --out)")
-    return text
-
-
-def out_file(text):
-    """An argparse type for a file a script writes: refused up front if it is a folder."""
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file (give a file name)")
-    return text
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading files: names confined to their folder, regular files only, JSON objects of bounded
-# nesting, safetensors, sizes in range
-
-
-def inside(folder: Path, name: str, named_in: Path | None = None) -> Path:
-    """folder/name, refused unless it lies in folder itself: a relative name without '..' and no
-    symbolic link on the way, so a checkpoint cannot make us read (or copy out) files elsewhere.
-    The one link followed: a Hugging Face hub cache snapshot's, into its own repository's blobs/
-    (hub_blob). named_in: the file that gave the name, for the message."""
-    rel = Path(name)
-    if not rel.parts or rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(f"{named_in or folder}: {name!r} points outside the checkpoint folder "
-                         "(a checkpoint's files must lie in its folder)")
-    path = folder
-    for part in rel.parts:
-        path = path / part
-        if path.is_symlink() and not hub_blob(path):
-            raise ValueError(f"{path}: is a symbolic link (copy the real file into {folder})")
-    return path
-
-
-def hub_blob(link: Path) -> bool:
-    """link is models--ORG--NAME/snapshots/REV/.../FILE and resolves to a file directly in that
-    same models--ORG--NAME/blobs/, as the hub cache lays files out."""
-    snapshots = next((p for p in link.absolute().parents if p.name == "snapshots"), None)
-    if snapshots is None or not snapshots.parent.name.startswith("models--"):
-        return False
-    real = link.resolve()
-    return real.parent == snapshots.parent.resolve() / "blobs" and real.is_file()
-
-
-MAX_LINE = 1 << 24  # 16 MiB: far past any context (2^18 tokens), so not a training row
-KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a pipe (FIFO)"),
-         (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
-
-
-def regular_lines(path: Path, digest=None, error=ValueError):
-    """(line number, bytes) of a regular file, read once (digest, a hashlib object, sees the same
-    bytes), each line at most MAX_LINE bytes. A FIFO, a device or a directory is refused before
-    a byte is read (opened without blocking, checked with fstat): `error` naming the file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    kind = os.fstat(fd).st_mode
-    if not stat.S_ISREG(kind):
-        os.close(fd)
-        what = next((w for test, w in KINDS if test(kind)), "not a regular file")
-        raise error(f"{path}: is {what}, not a regular file (give a JSONL file)")
-    with os.fdopen(fd, "rb") as f:
-        for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
-            if len(raw) > MAX_LINE:
-                raise error(f"{path}:{number}: a line longer than {MAX_LINE >> 20} MiB "
-                                 "(one JSON object per line)")
-            if digest is not None:
-                digest.update(raw)
-            yield number, raw
-
-
-def unique_keys(pairs):
-    """json object_pairs_hook: a key given twice is an error, not 'the last one wins'."""
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise ValueError(f"duplicate key {k!r}")
-        seen[k] = v
-    return seen
-
-
-def json_object(obj, where, error=ValueError) -> dict:
-    """obj if it is a JSON object (a dict), else `error` naming `where`."""
-    if not isinstance(obj, dict):
-        raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-MAX_DEPTH = 64  # no file we read nests deeper than a few levels
-JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-NOT_BRACKET = re.compile(r"[^\[\]{}]")
-BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-
-
-def nesting(text: str) -> int:
-    """How deep the arrays and objects of a JSON text nest, counted before json.loads recurses
-    (strings removed first, so a bracket inside one does not count)."""
-    brackets = NOT_BRACKET.sub("", JSON_STRING.sub("", text))
-    return max(itertools.accumulate(map(BRACKET_STEP.get, brackets)), default=0)
-
-
-def parse_json(text: str, where, error=ValueError):
-    """json.loads without duplicate keys and at most MAX_DEPTH levels deep; a malformed text is
-    `error` naming `where`."""
-    if nesting(text) > MAX_DEPTH:
-        raise error(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
-    try:
-        return json.loads(text, object_pairs_hook=unique_keys)
-    except json.JSONDecodeError as e:
-        at = f"line {e.lineno} column {e.colno}" if "\n" in text.rstrip() else f"column {e.colno}"
-        raise error(f"{where}: malformed JSON ({e.msg} at {at})") from None
-    except RecursionError:  # brackets the count above missed inside a malformed string
-        raise error(f"{where}: JSON nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as e:  # from unique_keys
-        raise error(f"{where}: {e}") from None
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file holding an object, or ValueError naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    return json_object(parse_json(text, path), path)
-
-
-def open_safetensors(path: Path):
-    try:
-        return safe_open(path, "pt")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-# Stored dtypes that convert to the model's exactly (or by rounding only, to a narrower one).
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def checked_weight(t: torch.Tensor, name: str, file) -> torch.Tensor:
-    """A stored weight, refused unless float32/16, bfloat16 or float64 with only finite values:
-    an int tensor would be cast silently, and a NaN the loss never reads would train to the end."""
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{file}: weight {name!r} is {str(t.dtype).removeprefix('torch.')}, "
-                         "expected float32, float16, bfloat16 or float64 (not a model checkpoint?)")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{file}: weight {name!r} holds NaN or inf (a broken checkpoint: use "
-                         "an earlier one)")
-    return t
-
-
-def available_memory(device) -> int:
-    """Bytes free for a new model on device: MemAvailable on a CPU, the free memory on CUDA."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_memory(need: int, what: str, device, fix: str):
-    """Refuse an allocation of `need` bytes that cannot fit, before it is attempted."""
-    have = available_memory(device)
-    if need > have:
-        raise ValueError(f"{what}: needs {need / 2 ** 30:.3g} GiB, more than the "
-                         f"{have / 2 ** 30:.3g} GiB free on {device} ({fix})")
-
-
-def is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def check_fields(fields: dict, limits: dict, where: str, names: dict | None = None):
-    """Every field named in limits, {field: (type, lowest, highest)}, has its type and range;
-    otherwise ValueError naming `where` and the field (`names` maps a field to what the user
-    wrote, e.g. a config.json key or a flag)."""
-    names = names or {}
-    for key, value in fields.items():
-        if key not in limits or value is None:
-            continue
-        kind, lo, hi = limits[key]
-        ok = isinstance(value, bool) if kind is bool else (
-            is_int(value) or kind is float and isinstance(value, float)) and lo <= value <= hi
-        if not ok:
-            what = "true or false" if kind is bool else (
-                f"{'an integer' if kind is int else 'a number'} in [{lo:g}, {hi:g}]")
-            raise ValueError(f"{where}: {names.get(key, key)} is {value!r}, expected {what}")
-
+from plumbing.checks import inside, is_int, read_json
 
 # ----------------------------------------------------------------------------------------------
 # Writing inside --out: never through a symbolic link, files created fresh
