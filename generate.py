@@ -14,11 +14,27 @@ import contextlib
 import sys
 
 import torch
-import torch.nn as nn
 
 from model import GPT, KVCache
 from plumbing.checks import (EXPECTED, check_memory, device_name, error_line,
                              non_negative_float, non_negative_int, positive_int, ranged)
+from plumbing.decoding import decode_bytes, label_rows, packed_linears
+
+
+def autocast(device, precision="auto"):
+    """bf16 autocast on CUDA and plain fp32 elsewhere ("auto"), or the precision asked for: bf16
+    halves a CPU training step where the CPU has bf16 instructions (avx512_bf16, AMX)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a forward computes in: autocast's where it is on (bf16 on CUDA, or under
+    --precision bf16), else the weights'. The KV cache is kept in it."""
+    if torch.is_autocast_enabled(model.device.type):
+        return torch.get_autocast_dtype(model.device.type)
+    return model.dtype
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -89,22 +105,21 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=N
         raise ValueError(f"prompt ({P}) + new tokens ({steps}) exceed the model's block_size "
                          f"{model.config.block_size}")
     idx, pos, real, mask = left_pad(prompts, S, device)
-    cols = torch.arange(S, device=device)
     out = torch.zeros(B, steps, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    with autocast(device), packed_linears(model, B):
+    with autocast(device), packed_linears(model, B):  # the packing: CPU speed only
         cache = KVCache(model.config, B, S, device, compute_dtype(model))
-        h = model(idx, pos=pos[:, :P], cache=cache, cols=cols[:P], mask=mask, last_n=1, head=False)
+        h = model.hidden(idx, pos=pos[:, :P], mask=mask, cache=cache)[:, -1]  # the prefill
         for t in range(steps):
-            last = h[:, -1] if need_logits is None else h[need_logits(t), -1]
+            last = h if need_logits is None else h[need_logits(t)]
             tok, finished = pick(t, model.lm_head(last))
             out[:, t] = tok
             done |= finished
             if t == steps - 1 or bool(done.all()):
                 return out[:, :t + 1]
             c = P + t  # the column this token is written at: it reads the real ones up to it
-            h = model(tok[:, None], pos=pos[:, c:c + 1], cache=cache, cols=cols[c:c + 1],
-                      mask=real[:, None, None, :c + 1], last_n=1, head=False)
+            h = model.hidden(tok[:, None], pos=pos[:, c:c + 1], mask=real[:, None, None, :c + 1],
+                             cache=cache)[:, -1]
     return out
 
 
@@ -183,14 +198,13 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
     n, T = max(len(zi) for zi in z), max(len(s) for s in seqs)
     # left padding lines every row's z up at the right end: only the last n positions need the head
     idx, pos, _, attn_mask = left_pad(seqs, T, device)
-    # rows at a time, so that their fp32 logits (n positions each) and attention scores fit
-    step = max(1, BUILD_BYTES // (4 * (n * cfg.vocab_size + cfg.n_head * T * T)))
+    step = label_rows(cfg, n, T)  # rows at a time, so that their logits fit in memory
     best = []
     with autocast(device), packed_linears(model, min(step, len(seqs)) * T):
         for k in range(0, len(seqs), step):
             rows = slice(k, k + step)
-            best += model(idx[rows], pos=pos[rows], mask=attn_mask[rows],
-                          last_n=n).argmax(dim=-1).tolist()
+            h = model.hidden(idx[rows], pos=pos[rows], mask=attn_mask[rows])[:, -n:]
+            best += model.lm_head(h).argmax(dim=-1).tolist()
     zbar = [b[n - len(zi):] for b, zi in zip(best, z)]
     # Eq. 7 trains only where the label differs from the sample: 1(z̄^j != z^j)
     differs = [[int(a != b) for a, b in zip(zb, zi)] for zb, zi in zip(zbar, z)]
@@ -227,13 +241,6 @@ def main(argv=None):
         sample_command(args)
     except EXPECTED as e:
         sys.exit(error_line(e))
-
-
-def decode_bytes(cfg, batch: int, length: int) -> int:
-    """What decoding `batch` rows of `length` tokens allocates: the KV cache (keys and values of
-    every layer, fp32 on a CPU) plus the activations and logits of one step (a generous bound)."""
-    cache = 2 * cfg.n_layer * batch * cfg.n_kv_head * length * cfg.head_dim * 4
-    return cache + batch * (length * cfg.n_embd * 16 + cfg.vocab_size * 8)
 
 
 def sample_command(args):
@@ -281,86 +288,6 @@ def sample_command(args):
     print(args.prompt, end="", flush=True)
     decode(model, prompts, args.max_new_tokens, pick)
     print(text.decode(b"", final=True))
-
-
-# ----------------------------------------------------------------------------------------------
-# Running on the device: bf16 autocast on CUDA (or asked for); on a CPU, Linear weights packed
-# for decoding.
-# Packing exists for speed only: a decode step multiplies a few rows by every weight, and with
-# oneDNN's re-laid-out weights that runs 1.4-2x faster than with the plain layout (same results).
-
-
-# bytes that a chunk of RAC's labelling pass may take, and decode_rows' default budget for a
-# decode batch (train.py's --build-memory-gb sets that one)
-BUILD_BYTES = 1 << 30
-
-
-def decode_rows(cfg, prompt_len: int, columns: int, itemsize: int, budget: int = BUILD_BYTES):
-    """How many rows of a decode batch fit in `budget` bytes. Per row: the KV cache (keys and
-    values of `columns` columns in every layer, `itemsize` bytes each), the prefill's fp32
-    attention scores and MLP activations over `prompt_len` positions, and a step's fp32 logits
-    with sample()'s buffers (three of them)."""
-    cache = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * columns * itemsize
-    prefill = 4 * prompt_len * (cfg.n_head * columns + 2 * cfg.n_inner)
-    return max(1, budget // (cache + prefill + 3 * 4 * cfg.vocab_size))
-
-
-def compute_dtype(model) -> torch.dtype:
-    """The dtype a forward computes in: autocast's where it is on (bf16 on CUDA, or under
-    --precision bf16), else the weights'. The KV cache is kept in it."""
-    if torch.is_autocast_enabled(model.device.type):
-        return torch.get_autocast_dtype(model.device.type)
-    return model.dtype
-
-
-def autocast(device, precision="auto"):
-    """bf16 autocast on CUDA and plain fp32 elsewhere ("auto"), or the precision asked for: bf16
-    halves a CPU training step where the CPU has bf16 instructions (avx512_bf16, AMX)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class PackedLinear(nn.Module):
-    """A Linear layer for CPU inference whose weight oneDNN has re-laid out once for the matmul.
-
-    Private ops, because the public ones were slower (GPT-2 124M, generate(), batch 8 / 32, speed
-    relative to these): torch.utils.mkldnn's MkldnnLinear 0.70 / 0.52, no better than the plain
-    layout's 0.71 / 0.50; torch.compile without freezing slower still, after minutes of compiling.
-    """
-
-    def __init__(self, linear: nn.Linear, rows: int):
-        super().__init__()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
-        self.bias, self.plain = linear.bias, linear
-
-    def forward(self, x):
-        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):  # e.g. a bf16 forward
-            return self.plain(x)  # inside the packing (DPO's reference log-probs): plain layout
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-@contextlib.contextmanager
-def packed_linears(model: GPT, rows: int):
-    """Swap every Linear for a PackedLinear while decoding on a CPU in fp32; restore them after.
-
-    Entered once around a whole build or evaluation, the weights are packed once: the contexts that
-    generate and rac_labels enter inside it find them packed and do nothing."""
-    cpu_fp32 = (model.device.type == "cpu" and model.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu"))  # under bf16 autocast: the plain path
-    packed = isinstance(model.lm_head, PackedLinear)  # an outer packed_linears wins
-    if packed or not cpu_fp32 or not torch.backends.mkldnn.is_available():
-        yield
-        return
-    swapped = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    try:
-        for parent, name, child in swapped:
-            setattr(parent, name, PackedLinear(child, rows))
-        yield
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
 
 
 if __name__ == "__main__":

@@ -147,21 +147,23 @@ def rope_scaling_problems(scaling) -> list[str]:
 
 
 class KVCache:
-    """Keys and values of every layer, pre-allocated for `length` columns and written at explicit
-    columns (gpt-fast style), left to right. A step attends to the columns written so far only:
-    the unwritten ones would be masked out anyway (skipping them: 30 % less attention time at
-    half the columns, 256 rows)."""
+    """Keys and values of every layer, pre-allocated for `length` columns (gpt-fast style) and
+    filled left to right: a forward writes its T tokens at columns filled .. filled + T - 1. A
+    step attends to the columns written so far only: the unwritten ones would be masked out
+    anyway, so reading them is wasted work."""
 
     def __init__(self, cfg: GPTConfig, batch: int, length: int, device, dtype):
         shape = (cfg.n_layer, batch, cfg.n_kv_head, length, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.filled = 0  # columns written by the forwards before this one (a Python int: no sync)
 
-    def update(self, layer: int, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int):
-        """Write the new keys and values at columns `cols`; return the first `end` columns (the
-        written ones; end is a Python int, so that no device sync reads cols)."""
-        self.k[layer].index_copy_(2, cols, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, cols, v.to(self.v.dtype))
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this forward's keys and values after the filled columns; return every column
+        written so far."""
+        end = self.filled + k.shape[2]
+        self.k[layer][:, :, self.filled:end] = k
+        self.v[layer][:, :, self.filled:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -230,7 +232,7 @@ class Attention(nn.Module):
             self.k_norm = make_norm(cfg, cfg.head_dim if head else kv)
         self.rotary = layer not in cfg.no_rope_layers  # smollm3: some layers have no positions
 
-    def forward(self, x, rope, mask, cache, cols):
+    def forward(self, x, rope, mask, cache):
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split([cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim,
@@ -245,7 +247,7 @@ class Attention(nn.Module):
         if rope is not None and self.rotary:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:  # the mask covers the columns written so far
-            k, v = cache.update(self.layer, cols, k, v, mask.shape[-1])
+            k, v = cache.update(self.layer, k, v)
         gqa = cfg.n_kv_head != cfg.n_head
         dropout = cfg.dropout if self.training else 0.0
         # training and scoring: plain causal attention (right padding never leaks backwards)
@@ -288,11 +290,11 @@ class Block(nn.Module):
         self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, cache, cols):
+    def forward(self, x, rope, mask, cache):
         if self.cfg.post_norm:  # olmo2: each sublayer's output is normalised, not its input
-            x = x + self.drop(self.ln_1(self.attn(x, rope, mask, cache, cols)))
+            x = x + self.drop(self.ln_1(self.attn(x, rope, mask, cache)))
             return x + self.drop(self.ln_2(self.mlp(x)))
-        a = self.drop(self.attn(self.ln_1(x), rope, mask, cache, cols))
+        a = self.drop(self.attn(self.ln_1(x), rope, mask, cache))
         if self.cfg.parallel_residual:  # gpt_neox: both sublayers read the same x
             return x + a + self.drop(self.mlp(self.ln_2(x)))
         x = x + a
@@ -342,21 +344,23 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, pos=None, cache=None, cols=None, mask=None, last_n=None, noise_alpha=0.0,
-                head=True, targets=None, scored=None):
-        """idx (B, T) token ids -> logits (B, T, vocab), or (B, last_n, vocab) for the last
-        positions only.
+    def forward(self, idx, targets=None, noise_alpha=0.0):
+        """Training and scoring. idx (B, T) token ids -> logits (B, T, vocab); or, given targets
+        (B, T), -log p(target) in fp32 at each position whose target is not IGNORE, flattened row
+        by row (N,), from chunked_nll (no full logits are made). noise_alpha: NEFTune's
+        embedding noise."""
+        h = self.hidden(idx, noise_alpha=noise_alpha)
+        return self.lm_head(h) if targets is None else chunked_nll(self.lm_head, h, targets)
+
+    def hidden(self, idx, pos=None, mask=None, cache=None, noise_alpha=0.0):
+        """The final normalised hidden states (B, T, d); logits are lm_head of them, so that a
+        caller that needs the logits of a few positions or rows makes only those.
 
         pos (B, T): each token's position (default 0..T-1; left-padded rows start later).
-        cache, cols (T,), mask (B, 1, T, cols[-1] + 1): decoding through a KVCache, writing the new
-        keys/values at columns `cols`; mask says which of the columns written so far each query
-        may read.
-        noise_alpha: NEFTune, uniform noise of size alpha / sqrt(T * d) on the embeddings,
+        mask (B, 1, T, columns): which columns each query may read, for left-padded rows (default
+        causal). cache: decoding through a KVCache, which this forward fills T columns more of.
+        noise_alpha: NEFTune, uniform noise of size alpha / sqrt(T * d) on the embeddings, in
         training only.
-        head=False: the final normalised hidden states (B, T or last_n, d) instead of logits, for a
-        caller that needs the logits of some rows only and applies lm_head to those.
-        targets, scored (B, T): the loss instead of logits: -log p(target) in fp32 at each position
-        where scored != 0, flattened row by row (N,), from head_nll (no full logits are made).
         """
         B, T = idx.shape
         x = self.wte(idx)
@@ -376,33 +380,34 @@ class GPT(nn.Module):
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:
             if recompute:  # the RNG state is saved with the input, so dropout masks repeat exactly
-                x = checkpoint(block, x, rope, mask, cache, cols, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache, cols)
-        # decoding and labelling need a few positions: skip the head elsewhere
-        if last_n is not None:
-            x = x[:, -last_n:]
-        x = self.ln_f(x)
-        if targets is not None:
-            # only the scored positions reach the head; exact, since each position's logits
-            # depend on its own hidden state alone
-            at = scored.flatten().nonzero().squeeze(1)
-            return head_nll(self.lm_head, x.flatten(0, 1)[at], targets.flatten()[at])
-        return self.lm_head(x) if head else x
+                x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.filled += T
+        return self.ln_f(x)
 
 
-# fp32 logits alive at once in head_nll (256 MiB): 1,365 positions of SmolLM2's 49,152-way head
+# ----------------------------------------------------------------------------------------------
+# The loss of Eq. 1, 5 and 7: -log p(target) at the scored positions (train.step_loss sums them)
+
+IGNORE = -1  # a target that is not scored: prompt positions, padding, RAC's agreeing tokens
+# fp32 logits alive at once in chunked_nll (256 MiB): 1,365 positions of SmolLM2's 49,152-way head
 LOGIT_BYTES = 1 << 28
 
 
-def head_nll(head, hidden, targets, chunk=None):
-    """-log p(target) in fp32 for each row of hidden (N, d) under `head` (d -> vocab).
+def chunked_nll(head, hidden, targets, chunk=None):
+    """-log p(target) in fp32 at each position of hidden (B, T, d) whose target (B, T) is not
+    IGNORE, flattened row by row. Only those positions reach the head: exact, since a position's
+    logits depend on its own hidden state alone.
 
     The technique of Liger Kernel's fused linear cross-entropy, in plain PyTorch: the logits of
-    `chunk` rows at a time (default: LOGIT_BYTES of fp32 logits) are made, reduced to the chunk's
+    `chunk` positions at a time (default: LOGIT_BYTES of fp32 logits) are made, reduced to their
     losses and dropped; backward recomputes them chunk by chunk (checkpoint), so the logits of the
     whole micro-batch never exist, forward or backward. The cost: the head's matmul runs once more.
     """
+    at = (targets != IGNORE).flatten().nonzero().squeeze(1)
+    hidden, targets = hidden.flatten(0, 1)[at], targets.flatten()[at]
     chunk = chunk or max(1, LOGIT_BYTES // (4 * head.weight.shape[0]))
     train = torch.is_grad_enabled()
     parts = [checkpoint(chunk_nll, head, h, t, use_reentrant=False) if train
@@ -413,27 +418,6 @@ def head_nll(head, hidden, targets, chunk=None):
 
 def chunk_nll(head, hidden, targets):
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
-
-
-def token_nll(logits, targets):
-    """-log p(target) at every position, (B, T), in fp32."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return nll.view(targets.shape)
-
-
-def masked_nll(logits, targets, mask, denom=None):
-    """Token-level negative log-likelihood over the positions where mask is 1, from full logits:
-    the plain form that training's chunked loss (GPT.forward with targets) is tested against.
-
-    Reduced as sum(loss * mask) / max(sum(mask), 1), so an all-zero mask gives 0, not NaN.
-    `denom` overrides the count: under gradient accumulation pass the token count of the whole
-    global batch, so every token weighs the same whatever micro-batch it fell in.
-    """
-    nll = token_nll(logits, targets).flatten()
-    mask = mask.flatten().to(nll.dtype)
-    if denom is None:
-        denom = mask.sum().clamp(min=1)
-    return (nll * mask).sum() / denom
 
 
 # ----------------------------------------------------------------------------------------------

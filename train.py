@@ -41,11 +41,12 @@ from tqdm import tqdm
 
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
                   encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
-from generate import autocast, bash_mix, decode_rows, generate, packed_linears, rac_labels
-from model import (GPT, checked_config, config_to_hf, from_pretrained, param_count,
+from generate import autocast, bash_mix, generate, rac_labels
+from model import (GPT, IGNORE, checked_config, config_to_hf, from_pretrained, param_count,
                    save_pretrained)
 from plumbing.checks import (EXPECTED, check_memory, device_name, error_line, fraction,
                              non_negative_float, non_negative_int, positive_float, positive_int)
+from plumbing.decoding import decode_rows, packed_linears
 from plumbing.runs import (Interrupted, claim_out, find_checkpoint, finite, interrupted_line,
                            load_train_state, log, release_out, run_settings, save_checkpoint,
                            stop_on_signals, tokenizer_files)
@@ -218,7 +219,7 @@ def step_loss(model, sft, method, denom, noise_alpha, device, precision="auto"):
                          [r.targets for r in items], pad_id=0, masks=[r.mask for r in items],
                          device=device)
     with autocast(device, precision):  # -log p at the scored positions only, row by row
-        nll = model(x, noise_alpha=noise_alpha, targets=y, scored=mask)
+        nll = model(x, targets=y.masked_fill(mask == 0, IGNORE), noise_alpha=noise_alpha)
     weight = mask[mask != 0]
     k = int((mask[:len(sft)] != 0).sum())  # the SFT rows come first
     j_sft = (nll[:k] * weight[:k]).sum() / denom  # Eq. 1
@@ -427,8 +428,8 @@ def sequence_logps(model, prompts, responses, device, precision="auto"):
     teacher-forced forward (collate's mask leaves out the prompt and the padding). Returns the
     (n,) log-probs and the number of tokens read."""
     x, y, mask = collate(prompts, responses, responses, pad_id=0, device=device)
-    with autocast(device, precision):
-        nll = model(x, targets=y, scored=mask)  # the response positions, row by row
+    with autocast(device, precision):  # the response positions, row by row
+        nll = model(x, targets=y.masked_fill(mask == 0, IGNORE))
     tokens = sum(len(p) + len(r) - 1 for p, r in zip(prompts, responses))
     rows = mask.nonzero()[:, 0]
     return -nll.new_zeros(len(prompts)).index_add(0, rows, nll), tokens

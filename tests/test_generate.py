@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 import generate as generate_module
-from generate import PackedLinear, autocast, decode, decode_rows, generate, packed_linears, sample
+from generate import autocast, decode, generate, sample
+from plumbing.decoding import PackedLinear, decode_rows, packed_linears
 from model import KVCache, from_pretrained
 
 FAMILIES = ["gpt2", "llama_gqa", "llama_tied"]

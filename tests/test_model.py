@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model import GPT, GPTConfig, config_from_hf, from_pretrained, masked_nll, save_pretrained
+from model import IGNORE, GPT, GPTConfig, config_from_hf, from_pretrained, save_pretrained
+from reference import masked_nll
 
 FAMILIES = ["gpt2", "llama_gqa", "llama_tied"]
 
@@ -82,10 +83,12 @@ def test_sharded_checkpoint_loads(hf_checkpoint):
 @pytest.mark.parametrize("name", FAMILIES)
 @torch.no_grad()
 def test_last_n_is_the_last_positions(hf_checkpoint, name):
+    """The head on the last n hidden states (how decoding and RAC's labels make only the logits
+    they need) gives the full forward's last n positions."""
     ours = from_pretrained(hf_checkpoint(name).path).eval()
     x = tokens(ours.config.vocab_size)
-    torch.testing.assert_close(ours(x, last_n=1), ours(x)[:, -1:], atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours(x, last_n=3), ours(x)[:, -3:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.lm_head(ours.hidden(x)[:, -1:]), ours(x)[:, -1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.lm_head(ours.hidden(x)[:, -3:]), ours(x)[:, -3:], atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def grads_of(model, loss):
 
 @pytest.mark.parametrize("arch,tied", [("gpt2", True), ("llama", False)])
 def test_chunked_loss_equals_masked_nll_on_full_logits(arch, tied, monkeypatch):
-    """The loss through head_nll (the scored positions only, logits in chunks of 4 positions,
+    """The loss through chunked_nll (the scored positions only, logits in chunks of 4 positions,
     recomputed in backward) equals masked_nll on the full logits: value and every gradient."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(arch=arch, vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16,
@@ -275,7 +278,7 @@ def test_chunked_loss_equals_masked_nll_on_full_logits(arch, tied, monkeypatch):
 
     rows = []
     model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
-    nll = model(x, targets=y, scored=mask)
+    nll = model(x, targets=y.masked_fill(mask == 0, IGNORE))
     n = int((mask != 0).sum())
     assert nll.shape == (n,) and nll.dtype == torch.float32
     loss = (nll * mask[mask != 0]).sum() / 7.0
@@ -283,7 +286,7 @@ def test_chunked_loss_equals_masked_nll_on_full_logits(arch, tied, monkeypatch):
     chunk = 4
     rows.clear()
     monkeypatch.setattr("model.LOGIT_BYTES", 4 * 97 * chunk)
-    nll = model(x, targets=y, scored=mask)
+    nll = model(x, targets=y.masked_fill(mask == 0, IGNORE))
     loss = (nll * mask[mask != 0]).sum() / 7.0
     ours = grads_of(model, loss)
     torch.testing.assert_close(loss, full, rtol=0, atol=1e-6)
@@ -308,19 +311,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model.checkpointing = on
         calls.clear()
         torch.manual_seed(7)
-        grads[on] = grads_of(model, model(x, targets=y, scored=torch.ones(2, 9)).sum())
+        grads[on] = grads_of(model, model(x, targets=y).sum())
         assert len(calls) == (2 if on else 1) * 3  # each block ran again in backward
     for k in grads[False]:
         torch.testing.assert_close(grads[True][k], grads[False][k], rtol=0, atol=1e-6)
     torch.manual_seed(8)  # the check is sharp: other dropout masks give other gradients
-    other = grads_of(model, model(x, targets=y, scored=torch.ones(2, 9)).sum())
+    other = grads_of(model, model(x, targets=y).sum())
     assert not torch.allclose(other["h.0.attn.c_attn.weight"], grads[False]["h.0.attn.c_attn.weight"])
 
 
 def test_chunked_loss_with_nothing_scored_is_empty():
     model = GPT(GPTConfig(arch="llama", vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=8))
     x = tokens(13, (2, 5))
-    nll = model(x, targets=x, scored=torch.zeros(2, 5))
+    nll = model(x, targets=torch.full_like(x, IGNORE))
     assert nll.shape == (0,) and nll.sum().item() == 0.0
 
 

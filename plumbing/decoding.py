@@ -1,0 +1,78 @@
+"""Decoding on the machine at hand: how many rows a decode batch may hold, and Linear weights
+packed for a CPU. A reader of the paper can skip this file: it changes how fast and in how much
+memory generate.py runs, never what it computes. (Measured gains: docs/benchmarks.md.)
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+
+# bytes that a chunk of RAC's labelling pass may take, and decode_rows' default budget for a
+# decode batch (train.py's --build-memory-gb sets that one)
+BUILD_BYTES = 1 << 30
+
+
+def decode_rows(cfg, prompt_len: int, columns: int, itemsize: int, budget: int = BUILD_BYTES):
+    """How many rows of a decode batch fit in `budget` bytes. Per row: the KV cache (keys and
+    values of `columns` columns in every layer, `itemsize` bytes each), the prefill's fp32
+    attention scores and MLP activations over `prompt_len` positions, and a step's fp32 logits
+    with sample()'s buffers (three of them)."""
+    cache = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * columns * itemsize
+    prefill = 4 * prompt_len * (cfg.n_head * columns + 2 * cfg.n_inner)
+    return max(1, budget // (cache + prefill + 3 * 4 * cfg.vocab_size))
+
+
+def label_rows(cfg, labelled: int, length: int) -> int:
+    """Rows per forward of RAC's labelling pass (generate.rac_labels): their fp32 logits at the
+    `labelled` positions and their attention scores over `length` columns fit in BUILD_BYTES."""
+    per_row = 4 * (labelled * cfg.vocab_size + cfg.n_head * length * length)
+    return max(1, BUILD_BYTES // per_row)
+
+
+def decode_bytes(cfg, batch: int, length: int) -> int:
+    """What decoding `batch` rows of `length` tokens allocates: the KV cache (keys and values of
+    every layer, fp32 on a CPU) plus the activations and logits of one step (a generous bound)."""
+    cache = 2 * cfg.n_layer * batch * cfg.n_kv_head * length * cfg.head_dim * 4
+    return cache + batch * (length * cfg.n_embd * 16 + cfg.vocab_size * 8)
+
+
+class PackedLinear(nn.Module):
+    """A Linear layer for CPU inference whose weight oneDNN has re-laid out once for the matmul.
+
+    A decode step multiplies a few rows by every weight, which runs faster on oneDNN's re-laid-out
+    weights than on the plain layout (same results). Private ops, because the public ones
+    (torch.utils.mkldnn's MkldnnLinear, torch.compile without freezing) were no faster than the
+    plain layout (docs/benchmarks.md).
+    """
+
+    def __init__(self, linear: nn.Linear, rows: int):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        self.bias, self.plain = linear.bias, linear
+
+    def forward(self, x):
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):  # e.g. a bf16 forward
+            return self.plain(x)  # inside the packing (DPO's reference log-probs): plain layout
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def packed_linears(model, rows: int):
+    """Swap every Linear of `model` for a PackedLinear while decoding on a CPU in fp32; restore
+    them after. Entered once around a whole build or evaluation, the weights are packed once: a
+    packed_linears entered inside it finds them packed and does nothing."""
+    cpu_fp32 = (model.device.type == "cpu" and model.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu"))  # under bf16 autocast: the plain path
+    packed = isinstance(model.lm_head, PackedLinear)  # an outer packed_linears wins
+    if packed or not cpu_fp32 or not torch.backends.mkldnn.is_available():
+        yield
+        return
+    swapped = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    try:
+        for parent, name, child in swapped:
+            setattr(parent, name, PackedLinear(child, rows))
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
