@@ -19,24 +19,16 @@ import functools
 import hashlib
 import json
 import math
-import os
 import signal
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
@@ -47,9 +39,58 @@ from model import (GPT, IGNORE, checked_config, config_to_hf, from_pretrained, p
 from plumbing.checks import (EXPECTED, check_memory, device_name, error_line, fraction,
                              non_negative_float, non_negative_int, positive_float, positive_int)
 from plumbing.decoding import decode_rows, packed_linears
+from plumbing.distributed import (accumulate, all_reduce, barrier, finish, from_rank0,
+                                  gathered_decoder, grad_norm, is_rank0, load_whole_state, merged,
+                                  setup, whole_state, wrap)
 from plumbing.runs import (Interrupted, claim_out, find_checkpoint, finite, interrupted_line,
                            load_train_state, log, release_out, run_settings, save_checkpoint,
                            stop_on_signals, tokenizer_files)
+
+# ----------------------------------------------------------------------------------------------
+# What a run is: a method (how it differs from SFT) and the state every step reads
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method differs from SFT; train.py dispatches on these fields, never on its name."""
+    name: str
+    logged: tuple[str, ...]  # the terms each step logs
+    build: Callable | None = None  # build(r, model, rows, seed): line 8's rows of a decode batch
+    online: bool = False  # SCS: build runs at every step, seeded by the step
+    pairs: bool = False  # DPO / SPIN: the DPO loss on PairRows instead of J_SFT + a term
+    pair_data: bool = False  # DPO: the data are pairs, built (with their reference) once
+    noise: bool = False  # NEFTune: embedding noise in every phase
+    reads_ref: bool = False  # RAC: its rows need f(x, y), the reference prompt
+
+
+@dataclass
+class Run:
+    """What every step of a run reads: set up once by start(), never changed after."""
+    args: argparse.Namespace
+    method: Method
+    rank: int
+    world: int
+    tok: object
+    task: str
+    rows: list
+    eval_rows: list
+    raw: torch.nn.Module  # the GPT itself (sharded in place by --fsdp)
+    model: torch.nn.Module  # what training calls: raw, or DDP / compile over it
+    opt: torch.optim.Optimizer
+    out: Path
+    k1: int  # steps of SFT alone (Algorithm lines 2-6)
+    k2: int  # steps in each of the H iterations (lines 7-18)
+    rac_max_new_tokens: int
+    spin_max_new_tokens: int
+    settings: dict  # what --resume compares (plumbing/runs.py)
+    carried: dict  # --init's tokenizer files, {name: bytes}, copied into every checkpoint
+    lock: int | None = None  # rank 0 holds the lock on out (plumbing/runs.py)
+    made: Path | None = None  # the folder claim_out created, removed again if left empty
+
+    @property
+    def total(self):
+        return self.k1 + self.args.iterations * self.k2
+
 
 # ----------------------------------------------------------------------------------------------
 # The run: Algorithm 1 (BASH) and Algorithm 2 (RAC)
@@ -98,25 +139,26 @@ def run(args):
 def train_phase(r: Run, state: dict, iteration: int, steps: range, bar, report: dict) -> bool:
     """The steps of one phase (iteration -1: the K1 steps of SFT alone), then evaluate and save
     at its end. Returns False if --stop-after ended the run inside it."""
-    a = r.args
-    method = a.method if iteration >= 0 or METHODS[a.method].noise else "sft"
+    a, m = r.args, r.method
+    if iteration < 0 and not m.noise:  # lines 2-6 are SFT's (NEFTune's noise is in every phase)
+        m = METHODS["sft"]
     offline = state["offline"] if iteration >= 0 else None
     first = 0 if iteration < 0 else r.k1 + iteration * r.k2
     order = seed_for(a.seed, "order", iteration)  # each phase shuffles the rows anew
     for step in steps:
         t0 = time.perf_counter()
         idx = batch_indices(step - first, len(r.rows), a.batch_size, order)
-        terms, tokens, lr = train_step(r, step, idx, offline, method)
+        terms, tokens, lr = train_step(r, step, idx, offline, m)
         state["step"] = done = step + 1
         dt = time.perf_counter() - t0
         report["train_s"] += dt
         bar.update(1)
         bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
         if r.rank == 0:
-            log(r.out, {"step": done, "phase": method, **terms, "lr": lr, "tok_per_s": tokens / dt})
+            log(r.out, {"step": done, "phase": m.name, **terms, "lr": lr, "tok_per_s": tokens / dt})
         end = done == steps.stop
         if end or (a.eval_every and done % a.eval_every == 0):
-            report["eval"] = evaluate_run(r, state, f"{method}@{done}")
+            report["eval"] = evaluate_run(r, state, f"{m.name}@{done}")
         if end or (a.save_every and done % a.save_every == 0) or done == a.stop_after:
             checkpoint(r, state)
         if done == a.stop_after:
@@ -124,31 +166,25 @@ def train_phase(r: Run, state: dict, iteration: int, steps: range, bar, report: 
     return True
 
 
-def train_step(r: Run, step: int, idx: list[int], offline, method: str):
+def train_step(r: Run, step: int, idx: list[int], offline, m: Method):
     """One optimizer step over the global batch idx: J_SFT + the method's term (or DPO's loss),
     accumulated over micro-batches and ranks exactly as one batch. Returns ({name: term}, tokens
     read, lr)."""
-    m, mine = METHODS[method], idx[r.rank::r.world]
+    mine = idx[r.rank::r.world]
     if m.online:  # SCS, Eq. 3: the offline rows rebuilt with the current weights at every step
-        offline = dict(zip(mine, m.build(r, decoder(r), [r.rows[i] for i in mine], step)))
+        model = gathered_decoder(r.raw, r.args.fsdp, r.args.precision)
+        offline = dict(zip(mine, m.build(r, model, [r.rows[i] for i in mine], step)))
     lr = lr_at(step, r.total, r.args)
     for group in r.opt.param_groups:
         group["lr"] = lr
     parts = (pair_parts if m.pairs else sft_parts)(r, idx, mine, offline, m)
     sums = torch.zeros(len(m.logged) + 1, device=r.raw.device)  # the logged terms, tokens read
-    for j, part in enumerate(parts):
-        # DDP: reduce once, at the last micro-batch; FSDP reduce-scatters each (no full gradient)
-        ddp_accumulates = r.world > 1 and not r.args.fsdp and j < len(parts) - 1
-        with r.model.no_sync() if ddp_accumulates else nullcontext():
-            loss, logged, tokens = part()
-            # DDP and FSDP average gradients over ranks; our loss is a global-batch sum: undo that
-            (loss * r.world).backward()
+    for j, part in enumerate(parts):  # forward and backward, micro-batch by micro-batch
+        logged, tokens = accumulate(r.model, part, r.world, r.args.fsdp, j == len(parts) - 1)
         sums += torch.cat([logged, logged.new_tensor([tokens])])
-    if r.world > 1:
-        dist.all_reduce(sums)
+    all_reduce(sums, r.world)
     params = list(r.raw.parameters())
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    whole = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: over all shards
+    norm, whole = grad_norm(params)
     if not torch.isfinite(torch.cat([sums[:-1], whole[None]])).all():  # never step on NaN or inf
         terms = ", ".join(f"{n} {v:.4g}" for n, v in zip(m.logged, sums.tolist()))
         raise ValueError(f"step {step + 1}: the loss ({terms}) or the gradient norm ({whole:.4g}) "
@@ -184,8 +220,8 @@ def loss_rows(rows, idx, offline):
     """The two terms' rows for these dataset rows: J_SFT's, and the method's own (none for SFT).
     Footnote 3: a BASH row (x, y, ŷ) carries its SFT row (x, y) too. A RAC row with nothing
     corrected adds nothing to J_RAC and is left out."""
-    method = [offline[i] for i in idx if any(offline[i].mask)] if offline is not None else []
-    return [sft_row(rows[i]) for i in idx], method
+    own = [offline[i] for i in idx if any(offline[i].mask)] if offline is not None else []
+    return [sft_row(rows[i]) for i in idx], own
 
 
 def by_length(rows: list[TrainRow]) -> list[TrainRow]:
@@ -206,15 +242,15 @@ def sft_tokens(rows, idx):
     return sum(len(rows[i].response) for i in idx)
 
 
-def step_loss(model, sft, method, denom, noise_alpha, device, precision="auto"):
-    """One forward over a micro-batch of SFT rows and the method's rows. Returns the two terms
+def step_loss(model, sft, own, denom, noise_alpha, device, precision="auto"):
+    """One forward over a micro-batch of SFT rows and the method's own rows. Returns the two terms
     [J_SFT part, J_BASH / J_RAC part] and the number of tokens the forward read.
 
     Algorithm 2 lines 15-16 and Eq. 7 divide both terms by the batch size and sum tokens within
     a row, so one BASH or RAC token weighs as much as one SFT token. The token-weighted form:
     each term is a sum over the tokens it scores, both divided by the same number `denom`, the
     SFT target tokens of the whole global batch."""
-    items = sft + method
+    items = sft + own
     x, y, mask = collate([r.prompt for r in items], [r.inputs for r in items],
                          [r.targets for r in items], pad_id=0, masks=[r.mask for r in items],
                          device=device)
@@ -232,17 +268,17 @@ def sft_parts(r: Run, idx, mine, offline, m: Method) -> list[Callable]:
     method's term; each part() returns (J, the logged terms, tokens read). Every term is a part of
     a global-batch sum, so micro-batches and ranks add up to one batch."""
     a, mb = r.args, r.args.micro_batch_size
-    sft, method = map(by_length, loss_rows(r.rows, mine, offline))
+    sft, own = map(by_length, loss_rows(r.rows, mine, offline))
     denom, noise = sft_tokens(r.rows, idx), a.neftune_alpha if m.noise else 0.0
 
-    def part(sft, method):
-        (j_sft, j_method), tokens = step_loss(r.model, sft, method, denom, noise, r.raw.device,
+    def part(sft, own):
+        (j_sft, j_method), tokens = step_loss(r.model, sft, own, denom, noise, r.raw.device,
                                               a.precision)
         loss = j_sft + j_method  # J = J_SFT + J_BASH (Algorithm 1) or J_SFT + J_RAC (Eq. 7)
         terms = [loss, j_sft, j_method][:len(m.logged)]  # SFT and NEFTune log no second term
         return loss, torch.stack(terms).detach(), tokens
-    n = max(math.ceil(len(sft) / mb), math.ceil(len(method) / mb))
-    return [functools.partial(part, sft[j * mb:(j + 1) * mb], method[j * mb:(j + 1) * mb])
+    n = max(math.ceil(len(sft) / mb), math.ceil(len(own) / mb))
+    return [functools.partial(part, sft[j * mb:(j + 1) * mb], own[j * mb:(j + 1) * mb])
             for j in range(n)]
 
 
@@ -287,10 +323,7 @@ def build_offline(model, rows, build, batch_size, seed, rank, world, precision="
             batch = order[k:k + batch_size]
             made = build(model, [rows[i] for i in batch], seed_for(seed, "batch", k // batch_size))
             out.update(zip(batch, made))
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, out)
-        out = {k: v for part in parts for k, v in part.items()}
+    out = merged(out, world)  # every rank's batches
     model.train()
     return [out[i] for i in range(len(rows))]
 
@@ -314,8 +347,8 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
     """Algorithms 1-2, line 8: the method's offline set with the current weights (BASH's mixed
     responses, RAC's labels, SPIN's pairs). Methods without one (SFT, NEFTune, SCS, which mixes
     online) keep none; DPO's pairs are built once, so its reference stays the initial model."""
-    m, t0 = METHODS[r.args.method], time.perf_counter()
-    if m.once and state["offline"] is not None:  # DPO: the reference stays the initial model
+    m, t0 = r.method, time.perf_counter()
+    if m.pair_data and state["offline"] is not None:  # DPO: the reference stays the initial model
         state.update(iteration=iteration)
         return
     if m.build is None or m.online:
@@ -324,7 +357,7 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
     new = max(max(len(x.response) for x in r.rows), r.rac_max_new_tokens, r.spin_max_new_tokens)
     batch = fitting_batch(r.raw, r.rows, r.args.build_batch_size, new, r.args.precision,
                           r.args.build_memory_gb)
-    offline = build_offline(decoder(r), r.rows, functools.partial(m.build, r), batch,
+    offline = build_offline(gathered_decoder(r.raw, r.args.fsdp, r.args.precision), r.rows, functools.partial(m.build, r), batch,
                             seed_for(r.args.seed, "offline", iteration), r.rank, r.world,
                             r.args.precision)
     state.update(iteration=iteration, offline=offline, stats=offline_stats(offline))
@@ -468,62 +501,25 @@ def pair_parts(r: Run, idx, mine, offline, m: Method) -> list[Callable]:
                               r.raw.device, r.args.precision) for j in range(0, len(pairs), mb)]
 
 
-@dataclass(frozen=True)
-class Method:
-    """How a method differs from SFT; train.py dispatches on these fields, never on its name."""
-    logged: tuple[str, ...]  # the terms each step logs
-    build: Callable | None = None  # build(r, model, rows, seed): line 8's rows of a decode batch
-    online: bool = False  # SCS: build runs at every step, seeded by the step
-    pairs: bool = False  # DPO / SPIN: the DPO loss on PairRows instead of J_SFT + a term
-    once: bool = False  # DPO: the pairs and their reference are built at the first iteration only
-    noise: bool = False  # NEFTune: embedding noise in every phase
-
-
 SFT_TERMS, PAIR_TERMS = ("loss", "j_sft"), ("loss", "reward_accuracy", "reward_margin")
-METHODS = {"sft": Method(SFT_TERMS),
-           "bash": Method(SFT_TERMS + ("j_bash",), build_bash),
-           "rac": Method(SFT_TERMS + ("j_rac",), build_rac),
-           "scs": Method(SFT_TERMS + ("j_scs",), build_scs, online=True),
-           "neftune": Method(SFT_TERMS, noise=True),
-           "dpo": Method(PAIR_TERMS, build_dpo, pairs=True, once=True),
-           "spin": Method(PAIR_TERMS, build_spin, pairs=True)}
+METHODS = {m.name: m for m in (
+    Method("sft", SFT_TERMS),
+    Method("bash", SFT_TERMS + ("j_bash",), build_bash),
+    Method("rac", SFT_TERMS + ("j_rac",), build_rac, reads_ref=True),
+    Method("scs", SFT_TERMS + ("j_scs",), build_scs, online=True),
+    Method("neftune", SFT_TERMS, noise=True),
+    Method("dpo", PAIR_TERMS, build_dpo, pairs=True, pair_data=True),
+    Method("spin", PAIR_TERMS, build_spin, pairs=True))}
 
 
 # ----------------------------------------------------------------------------------------------
 # Set-up: processes, tokenizer, model, data, optimizer, the step plan
 
 
-@dataclass
-class Run:
-    """What every step of a run reads: set up once by start(), never changed after."""
-    args: argparse.Namespace
-    rank: int
-    world: int
-    tok: object
-    task: str
-    rows: list
-    eval_rows: list
-    raw: GPT  # the model itself (sharded in place by --fsdp); `model` may wrap it (DDP, compile)
-    model: torch.nn.Module
-    opt: torch.optim.Optimizer
-    out: Path
-    k1: int  # steps of SFT alone (Algorithm lines 2-6)
-    k2: int  # steps in each of the H iterations (lines 7-18)
-    rac_max_new_tokens: int
-    spin_max_new_tokens: int
-    settings: dict  # what --resume compares (plumbing/runs.py)
-    carried: dict  # --init's tokenizer files, {name: bytes}, copied into every checkpoint
-    lock: int | None = None  # rank 0 holds the lock on out (plumbing/runs.py)
-    made: Path | None = None  # the folder claim_out created, removed again if left empty
-
-    @property
-    def total(self):
-        return self.k1 + self.args.iterations * self.k2
-
-
 def start(args) -> Run:
     """Set up a run: processes, tokenizer, model, data, optimizer, the step plan, the folder."""
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup(args.device)
+    method = METHODS[args.method]
     torch.manual_seed(seed_for(args.seed, "torch"))  # dropout and NEFTune noise
     tok = make_tokenizer(args)
     carried = tokenizer_files(None if args.init == "scratch" else args.init)
@@ -533,8 +529,7 @@ def start(args) -> Run:
     check_model(args, tok, raw, max_len)
     digest = hashlib.sha256()  # of the bytes the rows were read from
     rows, task = load_rows(args.data, tok, args.task, max_len, args.overflow,
-                           need_ref=args.method == "rac",  # only RAC reads f(x, y)
-                           pairs=args.method == "dpo", digest=digest)
+                           need_ref=method.reads_ref, pairs=method.pair_data, digest=digest)
     eval_rows = load_rows(args.eval_data, tok, task, max_len, args.overflow,
                           False)[0] if args.eval_data else []
     if eval_rows and eval_rows[0].shape != rows[0].shape:  # one template for both
@@ -542,17 +537,7 @@ def start(args) -> Run:
                         f"--data holds {{{rows[0].shape}, ...}} rows (give them one shape)")
     cap = new_token_cap(rows, max_len)  # RAC's and SPIN's default cap on z
     per_epoch = check_plan(args, len(rows), world)
-    if args.fsdp and world == 1:
-        raise ValueError("--fsdp shards over torchrun's processes: run it under torchrun "
-                         "--nproc_per_node=N (N > 1)")
-    model = raw
-    if args.fsdp:
-        shard(raw, device, args.precision)  # raw itself becomes the sharded module
-    elif world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
-    if args.compile:
-        model = torch.compile(model)
+    model = wrap(raw, device, world, args.fsdp, args.precision, args.compile)
     out = Path(args.out)
     opt = make_optimizer(raw, args)
     settings = run_settings(args, tok, config_to_hf(raw.config), digest.hexdigest(), carried, world)
@@ -565,10 +550,12 @@ def start(args) -> Run:
     failed = from_rank0(failed, world)
     if failed:
         raise ValueError(failed)
-    return Run(args, rank, world, tok, task, rows, eval_rows, raw, model, opt, out,
-               round(args.sft_epochs * per_epoch), round(args.iter_epochs * per_epoch),
-               args.rac_max_new_tokens or cap, args.spin_max_new_tokens or cap, settings, carried,
-               lock, made)
+    return Run(args=args, method=method, rank=rank, world=world, tok=tok, task=task, rows=rows,
+               eval_rows=eval_rows, raw=raw, model=model, opt=opt, out=out,
+               k1=round(args.sft_epochs * per_epoch), k2=round(args.iter_epochs * per_epoch),
+               rac_max_new_tokens=args.rac_max_new_tokens or cap,
+               spin_max_new_tokens=args.spin_max_new_tokens or cap, settings=settings,
+               carried=carried, lock=lock, made=made)
 
 
 def seed_for(seed: int, purpose: str, *coords: int) -> int:
@@ -577,62 +564,6 @@ def seed_for(seed: int, purpose: str, *coords: int) -> int:
     resume or on another rank."""
     digest = hashlib.sha256(repr((seed, purpose, *coords)).encode()).digest()
     return int.from_bytes(digest[:7], "little")
-
-
-def setup_distributed(device):
-    """(rank, world size, device): torchrun sets RANK; gloo on CPU, NCCL on GPUs."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), torch.device(device)
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    cuda = torch.device(device).type == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    return dist.get_rank(), dist.get_world_size(), torch.device(device)
-
-
-def shard(model: GPT, device, precision):
-    """--fsdp (FSDP2): each block, then the root (embeddings, final norm, head), sharded over the
-    processes, so parameters, gradients and AdamW's moments each take 1/world per rank; a block's
-    weights are gathered for its forward and backward only. On CUDA the forward and backward
-    compute in bf16 from fp32 master weights, and gradients are reduced in fp32."""
-    bf16 = device.type == "cuda" and precision != "fp32"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                              reduce_dtype=torch.float32)
-    for block in model.h:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-
-
-def decoder(r: Run) -> GPT:
-    """The model that decodes (offline sets, SCS, evaluation): the model itself, or under --fsdp a
-    full copy gathered on every rank. A sharded forward is a collective, and ranks decode different
-    batches whose rows stop at different lengths: with shards they would wait on each other."""
-    if not r.args.fsdp:
-        return r.raw
-    full = get_model_state_dict(r.raw, options=StateDictOptions(full_state_dict=True))
-    if r.raw.device.type == "cuda" and r.args.precision != "fp32":  # as FSDP computes: bf16
-        full = {k: v.to(torch.bfloat16) for k, v in full.items()}  # half the copy's memory
-    with torch.device("meta"):
-        copy = GPT(r.raw.config)
-    copy.load_state_dict(full, assign=True)
-    for name, buf in r.raw.named_buffers():  # the rotary tables: not sharded, not in the dict
-        owner, _, leaf = name.rpartition(".")
-        copy.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
-    if copy.config.tie_embeddings:
-        copy.lm_head.weight = copy.wte.weight
-    return copy.train(r.raw.training)
-
-
-def from_rank0(value, world):
-    """Rank 0's value on every rank (what only rank 0 computed: its folder, its evaluation)."""
-    if world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def make_tokenizer(args):
@@ -799,7 +730,8 @@ def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperat
 def evaluate_run(r: Run, state: dict, tag: str) -> dict:
     """Evaluate on rank 0 and log it; every rank returns rank 0's result."""
     res = {}
-    model = decoder(r) if r.eval_rows else None  # --fsdp: every rank takes part in the gather
+    # --fsdp: every rank takes part in the gather
+    model = gathered_decoder(r.raw, r.args.fsdp, r.args.precision) if r.eval_rows else None
     if r.eval_rows and r.rank == 0:
         a = r.args
         new = a.eval_max_new_tokens or new_token_cap(r.eval_rows, r.raw.config.block_size)
@@ -816,11 +748,7 @@ def checkpoint(r: Run, state: dict):
     """Save the model, the optimizer and the run's state on rank 0 (plumbing/runs.py).
     --fsdp: the weights and the optimizer state gathered whole onto rank 0's CPU first, so the
     checkpoint is the same Hugging Face layout, and --resume shards it again."""
-    weights, opt_state = r.raw.state_dict(), None
-    if r.args.fsdp:  # a collective: every rank gathers, rank 0 receives
-        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(r.raw, options=whole)
-        opt_state = get_optimizer_state_dict(r.raw, r.opt, options=whole)
+    weights, opt_state = whole_state(r.raw, r.opt, r.args.fsdp)  # --fsdp: every rank gathers
     if r.rank == 0:
         if not all(torch.isfinite(t).all() for t in weights.values()):  # never save NaN
             raise ValueError(f"step {state['step']}: the weights are not finite; the last "
@@ -829,8 +757,7 @@ def checkpoint(r: Run, state: dict):
         extra = {"tiktoken": r.tok.name} if r.tok.name in ("bytes", "r50k_base") else {}
         save_checkpoint(lambda folder: save_pretrained(r.raw, folder, extra, weights), r.opt,
                         saved, r.out, r.carried, {"settings": r.settings}, opt_state)
-    if r.world > 1:
-        dist.barrier()
+    barrier(r.world)
 
 
 def resume(r: Run) -> dict | None:
@@ -841,21 +768,15 @@ def resume(r: Run) -> dict | None:
         ckpt = find_checkpoint(r.out)
     except FileNotFoundError:
         return None
-    whole, load_optimizer = StateDictOptions(full_state_dict=True), None
     try:
         weights = from_pretrained(ckpt, device=r.raw.device).state_dict()
-        if r.args.fsdp:  # every rank reads the whole checkpoint and keeps its own shards
-            set_model_state_dict(r.raw, weights, options=whole)
-            load_optimizer = functools.partial(set_optimizer_state_dict, r.raw, r.opt,
-                                               options=whole)
-        else:
-            r.raw.load_state_dict(weights)
+        load_optimizer = load_whole_state(r.raw, r.opt, weights, r.args.fsdp)
     except RuntimeError:  # sizes differ: --resume-with-new-settings cannot change the model
         raise ValueError(f"{ckpt}: its weights do not fit this run's model (resume with the "
                          "model flags it was saved with)") from None
     plan = {"steps": r.total, "iterations": r.args.iterations, "rows": len(r.rows),
             "vocab": r.raw.config.vocab_size}
-    return load_train_state(ckpt, r.opt, PairRow if METHODS[r.args.method].pairs else TrainRow,
+    return load_train_state(ckpt, r.opt, PairRow if r.method.pairs else TrainRow,
                             plan, load_optimizer)
 
 
@@ -970,9 +891,9 @@ def get_args(argv=None):
     g.add_argument("--stop-after", type=non_negative_int, default=0,
                    help="save and stop after N optimizer steps (resume later)")
     args = p.parse_args(argv)
-    if args.method == "dpo" and args.sft_epochs:
-        p.error("--method dpo trains on the pairs from its first step: --sft-epochs must be 0 "
-                "(train SFT first, then --init from its checkpoint)")
+    if METHODS[args.method].pair_data and args.sft_epochs:
+        p.error(f"--method {args.method} trains on the pairs from its first step: --sft-epochs "
+                "must be 0 (train SFT first, then --init from its checkpoint)")
     if args.lr is None:
         args.lr = 2e-3 if args.init == "scratch" else 1e-5
     args.out = args.out or f"out/{args.method}"
@@ -995,7 +916,7 @@ def main(argv=None):
     try:
         with stop_on_signals():
             res, _ = run(args)
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_rank0():
             print(json.dumps(finite({k: v for k, v in res.items() if k != "sample"}), indent=1))
     except EXPECTED as e:
         sys.exit(error_line(e))
@@ -1003,8 +924,7 @@ def main(argv=None):
         stopped = (e.line if e.line is not None else f"error: interrupted by "
                    f"{signal.Signals(e.signum).name} before training started", 128 + e.signum)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finish()
     if stopped:  # here, once the progress bar has printed its last state
         if stopped[0]:
             print(stopped[0], file=sys.stderr)
