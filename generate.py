@@ -10,7 +10,6 @@ rac_labels(): Reference-Answer-based Correction's labels (Eq. 6): sample z, then
 """
 import argparse
 import codecs
-import contextlib
 import sys
 
 import torch
@@ -18,23 +17,7 @@ import torch
 from model import GPT, KVCache
 from plumbing.checks import (EXPECTED, check_memory, device_name, error_line,
                              non_negative_float, non_negative_int, positive_int, ranged)
-from plumbing.decoding import decode_bytes, label_rows, packed_linears
-
-
-def autocast(device, precision="auto"):
-    """bf16 autocast on CUDA and plain fp32 elsewhere ("auto"), or the precision asked for: bf16
-    halves a CPU training step where the CPU has bf16 instructions (avx512_bf16, AMX)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def compute_dtype(model) -> torch.dtype:
-    """The dtype a forward computes in: autocast's where it is on (bf16 on CUDA, or under
-    --precision bf16), else the weights'. The KV cache is kept in it."""
-    if torch.is_autocast_enabled(model.device.type):
-        return torch.get_autocast_dtype(model.device.type)
-    return model.dtype
+from plumbing.device import autocast, compute_dtype, decode_bytes, label_rows, packed_linears
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):

@@ -33,12 +33,12 @@ from tqdm import tqdm
 
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
                   encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
-from generate import autocast, bash_mix, generate, rac_labels
+from generate import bash_mix, generate, rac_labels
 from model import (GPT, IGNORE, checked_config, config_to_hf, from_pretrained, param_count,
                    save_pretrained)
 from plumbing.checks import (EXPECTED, check_memory, device_name, error_line, fraction,
                              non_negative_float, non_negative_int, positive_float, positive_int)
-from plumbing.decoding import decode_rows, packed_linears
+from plumbing.device import autocast, fitting_batch, packed_linears
 from plumbing.distributed import (accumulate, all_reduce, barrier, finish, from_rank0,
                                   gathered_decoder, grad_norm, is_rank0, load_whole_state, merged,
                                   setup, whole_state, wrap)
@@ -365,17 +365,6 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
     if r.rank == 0:
         log(r.out, {"step": state["step"], "iteration": iteration + 1,
                     "build_s": round(time.perf_counter() - t0, 3), **state["stats"]})
-
-
-def fitting_batch(model, rows, batch_size, new_tokens, precision, gb) -> int:
-    """Rows per decode batch: batch_size, or fewer where their KV cache (the longest prompt +
-    new_tokens columns, in the compute dtype), prefill and logits would pass `gb` GB
-    (--build-memory-gb; generate.decode_rows). It depends on the model, the rows and the flags,
-    not on the machine."""
-    P = max(len(x.prompt) for x in rows)
-    bf16 = precision == "bf16" or (precision == "auto" and model.device.type == "cuda")
-    itemsize = 2 if bf16 else model.dtype.itemsize
-    return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize, int(gb * 1e9)))
 
 
 def build_bash(r: Run, model, rows, seed):

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import autocast, generate  # noqa: E402
+from generate import generate  # noqa: E402
+from plumbing.device import autocast  # noqa: E402
 from model import from_pretrained  # noqa: E402
 
 

@@ -65,7 +65,7 @@ def ours_step_fn(model, rows, device, precision, full_logits):
     import torch
     import train
     from data import collate
-    from generate import autocast
+    from plumbing.device import autocast
     sys.path.insert(0, str(ROOT / "tests"))
     from reference import masked_nll  # the plain loss on full logits
     args = argparse.Namespace(lr=1e-5, weight_decay=0.1)

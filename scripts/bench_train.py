@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the plain loss
 from bench_generate import hf_runner, ours_runner, timed  # noqa: E402
 from data import Row  # noqa: E402
-from generate import autocast, rac_labels  # noqa: E402
+from generate import rac_labels  # noqa: E402
 from model import from_pretrained  # noqa: E402
+from plumbing.device import autocast  # noqa: E402
 from reference import masked_nll  # noqa: E402
 from train import bash_rows, loss_rows, make_optimizer, sft_tokens, step_loss  # noqa: E402
 

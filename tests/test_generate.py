@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 import generate as generate_module
-from generate import autocast, decode, generate, sample
-from plumbing.decoding import PackedLinear, decode_rows, packed_linears
+from generate import decode, generate, sample
+from plumbing.device import PackedLinear, autocast, decode_rows, packed_linears
 from model import KVCache, from_pretrained
 
 FAMILIES = ["gpt2", "llama_gqa", "llama_tied"]

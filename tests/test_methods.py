@@ -203,9 +203,9 @@ def test_bash_samples_follow_model_distribution(llama, temperature):
 
 @pytest.mark.parametrize("budget", [None, 1])
 def test_rac_labels_are_argmax_under_reference_prompt(model, budget, monkeypatch):
-    """budget 1: plumbing.decoding.BUILD_BYTES so small that the labelling pass runs one row at a time."""
+    """budget 1: plumbing.device.BUILD_BYTES so small that the labelling pass runs one row at a time."""
     if budget:
-        monkeypatch.setattr("plumbing.decoding.BUILD_BYTES", budget)
+        monkeypatch.setattr("plumbing.device.BUILD_BYTES", budget)
     prompts, refs = batch(6, [3, 6, 2], [9, 4, 12])
     z, zbar, mask = rac_labels(model, prompts, refs, max_new_tokens=10, temperature=1.0, seed=3, eos_id=None)
     assert [len(zi) for zi in z] == [10, 10, 10]  # no eos: every z runs to the cap

@@ -25,6 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import data  # noqa: E402
 import plumbing.runs as plumbing  # noqa: E402
+from plumbing.device import fitting_batch  # noqa: E402
 import train  # noqa: E402
 from model import GPT, GPTConfig, from_pretrained, save_pretrained  # noqa: E402
 
@@ -366,10 +367,10 @@ def test_build_batch_fits_the_memory_budget():
     # 1 layer, 2 key/value heads of 16, fp32: the cache; the prefill's scores over 2 heads and
     # MLP of 2 x 128; three fp32 copies of 64 logits
     per_row = 2 * 1 * 2 * 16 * (P + new) * 4 + 4 * P * (2 * (P + new) + 2 * 128) + 12 * 64
-    assert train.fitting_batch(model, rows, 256, new, "fp32", 1.0) == 256
-    assert train.fitting_batch(model, rows, 256, new, "fp32", 10 * per_row / 1e9) == 10
-    assert train.fitting_batch(model, rows, 256, new, "fp32", 1e-12) == 1
-    assert train.fitting_batch(model, rows, 256, new, "bf16", 10 * per_row / 1e9) > 10
+    assert fitting_batch(model, rows, 256, new, "fp32", 1.0) == 256
+    assert fitting_batch(model, rows, 256, new, "fp32", 10 * per_row / 1e9) == 10
+    assert fitting_batch(model, rows, 256, new, "fp32", 1e-12) == 1
+    assert fitting_batch(model, rows, 256, new, "bf16", 10 * per_row / 1e9) > 10
 
 
 def test_batch_indices_cover_each_epoch_once():

@@ -1,11 +1,28 @@
-"""Decoding on the machine at hand: how many rows a decode batch may hold, and Linear weights
-packed for a CPU. A reader of the paper can skip this file: it changes how fast and in how much
-memory generate.py runs, never what it computes. (Measured gains: docs/benchmarks.md.)
+"""Running on the device at hand: the precision (bf16 autocast), how many rows a decode batch
+may hold, and Linear weights packed for a CPU. A reader of the paper can skip this file: it
+changes how fast and in how much memory the code runs, never what it computes (measured gains:
+docs/benchmarks.md).
 """
 import contextlib
 
 import torch
 import torch.nn as nn
+
+def autocast(device, precision="auto"):
+    """bf16 autocast on CUDA and plain fp32 elsewhere ("auto"), or the precision asked for: bf16
+    halves a CPU training step where the CPU has bf16 instructions (avx512_bf16, AMX)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a forward computes in: autocast's where it is on (bf16 on CUDA, or under
+    --precision bf16), else the weights'. The KV cache is kept in it."""
+    if torch.is_autocast_enabled(model.device.type):
+        return torch.get_autocast_dtype(model.device.type)
+    return model.dtype
+
 
 # bytes that a chunk of RAC's labelling pass may take, and decode_rows' default budget for a
 # decode batch (train.py's --build-memory-gb sets that one)
@@ -20,6 +37,17 @@ def decode_rows(cfg, prompt_len: int, columns: int, itemsize: int, budget: int =
     cache = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * columns * itemsize
     prefill = 4 * prompt_len * (cfg.n_head * columns + 2 * cfg.n_inner)
     return max(1, budget // (cache + prefill + 3 * 4 * cfg.vocab_size))
+
+
+def fitting_batch(model, rows, batch_size, new_tokens, precision, gb) -> int:
+    """Rows per decode batch: batch_size, or fewer where their KV cache (the longest prompt +
+    new_tokens columns, in the compute dtype), prefill and logits would pass `gb` GB
+    (--build-memory-gb; decode_rows). It depends on the model, the rows and the flags, not on
+    the machine."""
+    P = max(len(x.prompt) for x in rows)
+    bf16 = precision == "bf16" or (precision == "auto" and model.device.type == "cuda")
+    itemsize = 2 if bf16 else model.dtype.itemsize
+    return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize, int(gb * 1e9)))
 
 
 def label_rows(cfg, labelled: int, length: int) -> int:
