@@ -42,10 +42,10 @@ from tqdm import tqdm
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
                   encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
 from generate import autocast, bash_mix, decode_rows, generate, packed_linears, rac_labels
-from model import (GPT, checked_config, config_to_hf, from_pretrained, param_count,
-                   save_pretrained)
+from model import GPT, checked_config, from_pretrained, save_pretrained
 from plumbing.checks import (EXPECTED, check_memory, device_name, error_line, fraction,
                              non_negative_float, non_negative_int, positive_float, positive_int)
+from plumbing.hf_families import config_to_hf, param_count
 from plumbing.runs import (Interrupted, claim_out, find_checkpoint, finite, interrupted_line,
                            load_train_state, log, release_out, run_settings, save_checkpoint,
                            stop_on_signals, tokenizer_files)
