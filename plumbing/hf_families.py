@@ -1,8 +1,9 @@
 """The Hugging Face layouts of the ten families: config.json keys and weight names, both ways.
 A reader of the paper can skip this file: model.py's from_pretrained and save_pretrained call it.
 
-- config.json -> the fields of model.GPTConfig (config_fields), every size range-checked first
-  (LIMITS), and back (config_to_hf); a feature the decoder lacks is a one-line ValueError.
+- config.json -> the fields of model.GPTConfig (config_fields; model.checked_config holds them
+  to LIMITS before anything is allocated), and back (config_to_hf); a feature the decoder lacks
+  is a one-line ValueError.
 - Weights: hf_layout lists each of our parameters with the family's tensors it is made of (fused
   q|k|v and gate|up, GPT-2's transposed Conv1D, GPT-NeoX's per-head interleaving); load_hf_state
   reads model.safetensors (or the shards of an index) into our names, checking every name and
