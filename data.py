@@ -447,7 +447,7 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++
 # as it would at the end of the stretch the Digits step cut off.
 DIGITS_PAT = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++|\s++(?:$|(?=\p{N}))"""
               r"""|\s+(?!\S)|\s""")
-MAX_ID = 1 << 20  # the largest vocabulary model.py accepts (its LIMITS["vocab_size"])
+MAX_ID = 1 << 20  # the largest vocabulary model.py accepts (plumbing/hf_families.LIMITS)
 BYTE_TOKEN = re.compile(r"<0x([0-9A-F]{2})>")  # SentencePiece's byte-fallback pieces
 
 

@@ -34,14 +34,14 @@ from tqdm import tqdm
 from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
                   encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
 from generate import bash_mix, generate, rac_labels
-from model import (GPT, IGNORE, checked_config, config_to_hf, from_pretrained, param_count,
-                   save_pretrained)
+from model import GPT, IGNORE, checked_config, from_pretrained, save_pretrained
 from plumbing.checks import (EXPECTED, check_memory, device_name, error_line, fraction,
                              non_negative_float, non_negative_int, positive_float, positive_int)
 from plumbing.device import autocast, fitting_batch, packed_linears
 from plumbing.distributed import (accumulate, all_reduce, barrier, finish, from_rank0,
                                   gathered_decoder, grad_norm, is_rank0, load_whole_state, merged,
                                   setup, whole_state, wrap)
+from plumbing.hf_families import config_to_hf, param_count
 from plumbing.runs import (Interrupted, claim_out, find_checkpoint, finite, interrupted_line,
                            load_train_state, log, release_out, run_settings, save_checkpoint,
                            stop_on_signals, tokenizer_files)

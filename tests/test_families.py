@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import NEW_FAMILIES
 from generate import generate
-from model import GPT, GPTConfig, config_from_hf, config_to_hf, from_pretrained, save_pretrained
+from model import GPT, GPTConfig, config_from_hf, from_pretrained, save_pretrained
+from plumbing.hf_families import config_to_hf
 
 FAMILIES = list(NEW_FAMILIES)
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42], [100, 3, 17, 8, 2]]   # different lengths
