@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from plumbing.checks import check_fields, check_memory, inside, is_int, read_json
-from plumbing.hf_families import (LIMITS, config_fields, config_to_hf, hf_tensors, load_hf_state,
+from plumbing.checks import check_fields, check_memory, inside, read_json
+from plumbing.hf_families import (LIMITS, config_fields, config_problems, config_to_hf, hf_tensors, load_hf_state,
                                   param_count, write_hf_files)
 
 # What each family fixes in the base decoder: norm "layer" (LayerNorm) or "rms_1p" (x (1 + w));
@@ -81,65 +81,30 @@ class GPTConfig:
     qkv_bias: bool = field(init=False)  # qwen2: biases on q, k and v only
 
     def __post_init__(self):
-        """Fill the defaults; sizes that do not fit together are a ValueError listing each."""
+        """Fill the family's traits and the defaults. Sizes that do not fit together are one
+        ValueError listing each (plumbing/hf_families.config_problems)."""
         if self.arch not in FAMILIES:
             raise ValueError(f"arch must be one of {', '.join(FAMILIES)}, got {self.arch!r}")
         traits = {**BASE, **FAMILIES[self.arch]}
-        problems = []
-        if self.bias is None:
-            self.bias = traits["bias"]
-        if self.bias != traits["bias"]:
-            problems.append(f"the {self.arch} layout has {'' if traits['bias'] else 'no '}"
-                            "biases on its linear layers")
+        problems = config_problems(self, traits, ROPE_SCALING)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.bias = traits["bias"] if self.bias is None else self.bias
         self.attn_bias = self.bias if self.attn_bias is None else self.attn_bias
-        if self.attn_bias != self.bias and self.arch != "qwen3":
-            problems.append(f"attention biases alone are not stored by the {self.arch} layout")
         for name in ("norm", "mlp", "qk_norm", "post_norm", "embed_scale"):
             setattr(self, name, traits[name])
         self.qkv_bias = self.attn_bias or self.arch == "qwen2"
         self.n_kv_head = self.n_kv_head or self.n_head
-        if self.n_head % self.n_kv_head:
-            problems.append(f"n_head {self.n_head} is not a multiple of n_kv_head "
-                            f"{self.n_kv_head}")
-        if self.head_dim is None and self.n_embd % self.n_head:
-            problems.append(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         self.head_dim = self.head_dim or self.n_embd // self.n_head
-        if self.arch == "gpt_neox" and (self.n_kv_head != self.n_head
-                                        or self.head_dim * self.n_head != self.n_embd):
-            problems.append("gpt_neox needs n_kv_head = n_head and head_dim = n_embd / n_head")
-        if self.arch != "gpt2" and (self.rotary_dim < 2 or self.rotary_dim % 2):
-            problems.append(f"rotary positions need an even size, got {self.rotary_dim}")
-        if self.rotary_pct != 1.0 and self.arch not in ("gpt_neox", "phi3"):
-            problems.append(f"partial rotary (rotary_pct) is not in the {self.arch} layout")
         self.no_rope_layers = tuple(self.no_rope_layers)
-        if self.no_rope_layers and (self.arch != "smollm3" or not all(
-                is_int(i) and 0 <= i < self.n_layer for i in self.no_rope_layers)):
-            problems.append("no_rope_layers are smollm3's, layer numbers below n_layer")
         if self.parallel_residual is None:
             self.parallel_residual = self.arch == "gpt_neox"
-        if self.parallel_residual and self.arch != "gpt_neox":
-            problems.append("parallel_residual is gpt_neox's only")
-        problems += rope_scaling_problems(self.rope_scaling)
         self.n_inner = self.n_inner or 4 * self.n_embd
-        if problems:
-            raise ValueError("; ".join(problems))
 
     @property
     def rotary_dim(self) -> int:
         """How many of each head's dims rotate (transformers' int(head_dim * rotary_pct))."""
         return int(self.head_dim * self.rotary_pct)
-
-
-def rope_scaling_problems(scaling) -> list[str]:
-    if scaling is None:
-        return []
-    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
-    if kind not in ROPE_SCALING or set(scaling) != {"rope_type", *ROPE_SCALING[kind]}:
-        return [f"rope_scaling must be {{'rope_type': 'linear' or 'llama3', and its keys "
-                f"{ROPE_SCALING}}}, got {scaling!r}"]
-    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
-        return ["rope_scaling: high_freq_factor must exceed low_freq_factor"]
-    return []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,54 @@ from plumbing.checks import (check_fields, checked_weight, inside, is_int, json_
                              open_safetensors, read_json)
 
 # ----------------------------------------------------------------------------------------------
+# A config's sizes and switches: what model.GPTConfig refuses
+
+
+def config_problems(cfg, traits: dict, rope_types: dict) -> list[str]:
+    """Each way the fields of cfg (a GPTConfig as given, before its defaults are filled) do not
+    fit together or into the family's layout (traits: model.FAMILIES over model.BASE)."""
+    arch, problems = cfg.arch, []
+    bias = traits["bias"] if cfg.bias is None else cfg.bias
+    if bias != traits["bias"]:
+        problems.append(f"the {arch} layout has {'' if traits['bias'] else 'no '}"
+                        "biases on its linear layers")
+    attn_bias = bias if cfg.attn_bias is None else cfg.attn_bias
+    if attn_bias != bias and arch != "qwen3":
+        problems.append(f"attention biases alone are not stored by the {arch} layout")
+    n_kv_head = cfg.n_kv_head or cfg.n_head
+    if cfg.n_head % n_kv_head:
+        problems.append(f"n_head {cfg.n_head} is not a multiple of n_kv_head {n_kv_head}")
+    if cfg.head_dim is None and cfg.n_embd % cfg.n_head:
+        problems.append(f"n_embd {cfg.n_embd} is not a multiple of n_head {cfg.n_head}")
+    head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head
+    if arch == "gpt_neox" and (n_kv_head != cfg.n_head or head_dim * cfg.n_head != cfg.n_embd):
+        problems.append("gpt_neox needs n_kv_head = n_head and head_dim = n_embd / n_head")
+    rotary_dim = int(head_dim * cfg.rotary_pct)
+    if arch != "gpt2" and (rotary_dim < 2 or rotary_dim % 2):
+        problems.append(f"rotary positions need an even size, got {rotary_dim}")
+    if cfg.rotary_pct != 1.0 and arch not in ("gpt_neox", "phi3"):
+        problems.append(f"partial rotary (rotary_pct) is not in the {arch} layout")
+    if cfg.no_rope_layers and (arch != "smollm3" or not all(
+            is_int(i) and 0 <= i < cfg.n_layer for i in cfg.no_rope_layers)):
+        problems.append("no_rope_layers are smollm3's, layer numbers below n_layer")
+    if cfg.parallel_residual and arch != "gpt_neox":
+        problems.append("parallel_residual is gpt_neox's only")
+    return problems + rope_scaling_problems(cfg.rope_scaling, rope_types)
+
+
+def rope_scaling_problems(scaling, rope_types: dict) -> list[str]:
+    if scaling is None:
+        return []
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in rope_types or set(scaling) != {"rope_type", *rope_types[kind]}:
+        return [f"rope_scaling must be {{'rope_type': 'linear' or 'llama3', and its keys "
+                f"{rope_types}}}, got {scaling!r}"]
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        return ["rope_scaling: high_freq_factor must exceed low_freq_factor"]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
 # config.json
 
 REQUIRED = object()
