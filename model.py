@@ -132,18 +132,14 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x, cos, sin):
-    """Rotate the first cos.shape[-1] dims of each head (all of them but in gpt_neox and phi3)."""
+    """Rotate the first cos.shape[-1] dims of each head (all of them but in gpt_neox and phi3):
+    x * cos + rotate_half(x) * sin, rotate_half mapping the halves (x1, x2) to (-x2, x1)."""
     r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
     x, rest = x[..., :r], x[..., r:]
-    return torch.cat((x * cos + rotate_half(x) * sin, rest), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return rotated if rest.shape[-1] == 0 else torch.cat((rotated, rest), dim=-1)
 
 
 def rope_tables(cfg: GPTConfig):

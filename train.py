@@ -35,8 +35,9 @@ from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode
                   encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
 from generate import bash_mix, generate, rac_labels
 from model import GPT, IGNORE, checked_config, from_pretrained, save_pretrained
-from plumbing.checks import (EXPECTED, check_memory, device_name, error_line, fraction,
-                             non_negative_float, non_negative_int, positive_float, positive_int)
+from plumbing.checks import (EXPECTED, check_finite, check_memory, device_name, error_line,
+                             fraction, non_negative_float, non_negative_int, positive_float,
+                             positive_int)
 from plumbing.device import autocast, fitting_batch, packed_linears
 from plumbing.distributed import (accumulate, all_reduce, barrier, finish, from_rank0,
                                   gathered_decoder, grad_norm, is_rank0, load_whole_state, merged,
@@ -185,11 +186,7 @@ def train_step(r: Run, step: int, idx: list[int], offline, m: Method):
     all_reduce(sums, r.world)
     params = list(r.raw.parameters())
     norm, whole = grad_norm(params)
-    if not torch.isfinite(torch.cat([sums[:-1], whole[None]])).all():  # never step on NaN or inf
-        terms = ", ".join(f"{n} {v:.4g}" for n, v in zip(m.logged, sums.tolist()))
-        raise ValueError(f"step {step + 1}: the loss ({terms}) or the gradient norm ({whole:.4g}) "
-                         "is not finite; stopped before the update, the last checkpoint is kept "
-                         "(lower --lr, or check the data)")
+    check_finite(step, dict(zip(m.logged, sums[:-1])), whole)  # never step on NaN or inf
     if r.args.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, r.args.grad_clip, norm)
     r.opt.step()
@@ -331,8 +328,6 @@ def build_offline(model, rows, build, batch_size, seed, rank, world, precision="
 def offline_stats(offline: list) -> dict:
     """What the offline set holds. BASH: the share of positions that took the model's token, and
     of those that differ from y. RAC: the share of sampled positions corrected (z̄ != z)."""
-    if isinstance(offline[0], PairRow):
-        return pair_stats(offline)
     n = sum(len(o.inputs) for o in offline)
     if offline[0].took is not None:
         took = sum(sum(o.took) for o in offline)
@@ -360,7 +355,8 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
     offline = build_offline(gathered_decoder(r.raw, r.args.fsdp, r.args.precision), r.rows, functools.partial(m.build, r), batch,
                             seed_for(r.args.seed, "offline", iteration), r.rank, r.world,
                             r.args.precision)
-    state.update(iteration=iteration, offline=offline, stats=offline_stats(offline))
+    stats = (pair_stats if m.pairs else offline_stats)(offline)
+    state.update(iteration=iteration, offline=offline, stats=stats)
     report["build_s"] += time.perf_counter() - t0
     if r.rank == 0:
         log(r.out, {"step": state["step"], "iteration": iteration + 1,

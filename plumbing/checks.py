@@ -264,6 +264,16 @@ def check_memory(need: int, what: str, device, fix: str):
                          f"{have / 2 ** 30:.3g} GiB free on {device} ({fix})")
 
 
+def check_finite(step: int, terms: dict, norm: torch.Tensor):
+    """Stop before an update whose loss terms or gradient norm are NaN or infinite."""
+    values = torch.stack([*terms.values(), norm])
+    if not torch.isfinite(values).all():
+        shown = ", ".join(f"{n} {v:.4g}" for n, v in zip(terms, values.tolist()))
+        raise ValueError(f"step {step + 1}: the loss ({shown}) or the gradient norm ({norm:.4g}) "
+                         "is not finite; stopped before the update, the last checkpoint is kept "
+                         "(lower --lr, or check the data)")
+
+
 def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
