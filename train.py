@@ -39,8 +39,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
-                  encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
+from data import (TASKS, DataError, collate, encode_pairs, encode_rows, extract_answer,
+                  read_jsonl, rouge)
 from generate import autocast, bash_mix, decode_rows, generate, packed_linears, rac_labels
 from model import (GPT, checked_config, config_to_hf, from_pretrained, param_count,
                    save_pretrained)
@@ -49,6 +49,7 @@ from plumbing.checks import (EXPECTED, check_memory, device_name, error_line, fr
 from plumbing.runs import (Interrupted, claim_out, find_checkpoint, finite, interrupted_line,
                            load_train_state, log, release_out, run_settings, save_checkpoint,
                            stop_on_signals, tokenizer_files)
+from plumbing.tokenizer import byte_tokenizer, check_vocab, gpt2_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # The run: Algorithm 1 (BASH) and Algorithm 2 (RAC)
