@@ -17,14 +17,12 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# r50k_base (the GPT-2 vocabulary) is read from assets/ so no network is needed.
-os.environ.setdefault("TIKTOKEN_CACHE_DIR",
-                      str(Path(__file__).resolve().parent.parent / "assets" / "tiktoken"))
+import tiktoken
 
-import tiktoken  # noqa: E402  (must come after the cache dir is set)
+from plumbing.chat_templates import CHAT_STYLES, chat_style, default_system
+from plumbing.checks import inside, is_int, read_json
 
-from plumbing.chat_templates import CHAT_STYLES, chat_style, default_system  # noqa: E402
-from plumbing.checks import inside, is_int, read_json  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # the repository, where assets/ lies
 
 # The pre-tokenizer regex of r50k_base (GPT-2), as tiktoken writes it.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -259,6 +257,9 @@ def byte_tokenizer() -> Tokenizer:
 
 
 def gpt2_tokenizer() -> Tokenizer:
+    # r50k_base (the GPT-2 vocabulary) is read from assets/ so no network is needed; the cache
+    # folder is set here, not at import, so that importing this module changes nothing
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT / "assets" / "tiktoken"))
     return Tokenizer(tiktoken.get_encoding("r50k_base"), eos_id=50256, chat=None, name="r50k_base")
 
 
