@@ -37,6 +37,20 @@ TLDR_REF = ("[POST]: {x} [REFERENCE SUMMARY]: {y}\n\nRe-write a new summary of t
 TASKS = ("plain", "chat", "math", "summarize", "arith")
 
 
+class DataError(ValueError):
+    """A data file or an example that cannot be used; the message says which."""
+
+
+@dataclass
+class Example:
+    prompt: str | list[dict]  # plain text, or the chat turns before the target
+    response: str  # the reference continuation y, without end-of-text
+    answer: str | None = None  # final answer for exact match
+    line: int = 0  # line in the source file, for error messages (0: not from a file)
+    shape: str = "prompt"  # which JSONL shape it came from: "prompt", "messages" or "question"
+    rejected: str | None = None  # a preference pair's rejected response (read_jsonl(pairs=True))
+
+
 @dataclass
 class Row:
     prompt: list[int]  # x: prompt ids, template applied
@@ -253,20 +267,6 @@ def rouge(pred: str, ref: str) -> dict:
 
 # -----------------------------------------------------------------------------
 # Data sets: JSONL files of examples.
-
-
-class DataError(ValueError):
-    pass
-
-
-@dataclass
-class Example:
-    prompt: str | list[dict]  # plain text, or the chat turns before the target
-    response: str  # the reference continuation y, without end-of-text
-    answer: str | None = None  # final answer for exact match
-    line: int = 0  # line in the source file, for error messages (0: not from a file)
-    shape: str = "prompt"  # which JSONL shape it came from: "prompt", "messages" or "question"
-    rejected: str | None = None  # a preference pair's rejected response (read_jsonl(pairs=True))
 
 
 def _field(obj: dict, key: str, kind: type, where: str):
