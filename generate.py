@@ -227,8 +227,9 @@ def main(argv=None):
 
 
 def sample_command(args):
-    from data import check_vocab, load_tokenizer, render_chat, with_bos
     from model import from_pretrained
+    from plumbing.chat_templates import render_chat
+    from plumbing.tokenizer import check_vocab, load_tokenizer, with_bos
 
     tok = load_tokenizer(args.init)
     model = from_pretrained(args.init, device=args.device).eval()

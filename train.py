@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (TASKS, DataError, byte_tokenizer, check_vocab, collate, encode_pairs,
-                  encode_rows, extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
+from data import (TASKS, DataError, collate, encode_pairs, encode_rows, extract_answer,
+                  read_jsonl, rouge)
 from generate import bash_mix, generate, rac_labels
 from model import GPT, IGNORE, checked_config, from_pretrained, save_pretrained
 from plumbing.checks import (EXPECTED, check_finite, check_memory, device_name, error_line,
@@ -46,6 +46,7 @@ from plumbing.hf_families import config_to_hf, param_count
 from plumbing.runs import (Interrupted, claim_out, find_checkpoint, finite, interrupted_line,
                            load_train_state, log, release_out, run_settings, save_checkpoint,
                            stop_on_signals, tokenizer_files)
+from plumbing.tokenizer import byte_tokenizer, check_vocab, gpt2_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # What a run is: a method (how it differs from SFT) and the state every step reads

@@ -1,6 +1,7 @@
-"""Tokenizer speed: our plain-Python SentencePiece-style BPE (data.SentencePiece, the path that
-Mistral-7B-v0.1 and Llama-2 tokenizers take) against the tokenizers library (Rust) on the same
-tokenizer.json, and our tiktoken path on a byte-level tokenizer.json beside it for scale.
+"""Tokenizer speed: our plain-Python SentencePiece-style BPE (plumbing.tokenizer.SentencePiece,
+the path that Mistral-7B-v0.1 and Llama-2 tokenizers take) against the tokenizers library (Rust)
+on the same tokenizer.json, and our tiktoken path on a byte-level tokenizer.json beside it for
+scale.
 
 The rows: N GSM-style question + answer pairs, the 2,700 of assets/gsm cycled with every number
 redrawn (seeded), so rows differ as GSM8K's do and the per-word cache meets new numbers and
@@ -23,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from data import load_tokenizer  # noqa: E402
+from plumbing.tokenizer import load_tokenizer  # noqa: E402
 
 
 def gsm_rows(n, seed=0):

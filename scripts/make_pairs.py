@@ -19,10 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from data import encode_rows, extract_answer, load_tokenizer, read_jsonl  # noqa: E402
+from data import encode_rows, extract_answer, read_jsonl  # noqa: E402
 from model import from_pretrained  # noqa: E402
 from plumbing.checks import (EXPECTED, device_name, error_line, non_negative_float,  # noqa: E402
                              non_negative_int, out_file, positive_int)
+from plumbing.tokenizer import load_tokenizer  # noqa: E402
 
 
 def make_pairs(init, data, out, samples=4, temperature=1.0, seed=0, task="arith", batch_size=256,

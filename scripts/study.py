@@ -38,10 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 from make_pairs import make_pairs  # noqa: E402
-from data import BUILTIN_FORMS, QA_REF, QA_SYSTEM, builtin_task, load_tokenizer  # noqa: E402
+from data import BUILTIN_FORMS, QA_REF, QA_SYSTEM, builtin_task  # noqa: E402
 from plumbing.checks import (device_name, fraction, non_negative_float,  # noqa: E402
                              non_negative_int, out_folder, positive_float, positive_int,
                              script_main)
+from plumbing.tokenizer import load_tokenizer  # noqa: E402
 from model import from_pretrained  # noqa: E402
 
 import torch  # noqa: E402

@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study  # noqa: E402
 import train  # noqa: E402
-from data import BUILTIN_FORMS, builtin_task, encode_rows, load_tokenizer  # noqa: E402
+from data import BUILTIN_FORMS, builtin_task, encode_rows  # noqa: E402
 from model import from_pretrained  # noqa: E402
 from plumbing.checks import (EXPECTED, error_line, fraction, non_negative_float,  # noqa: E402
                              non_negative_int, positive_int)
+from plumbing.tokenizer import load_tokenizer  # noqa: E402
 
 
 def aligned(tok, lines: dict[str, list]) -> str:

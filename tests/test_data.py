@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import (DataError, Example, builtin_task, byte_tokenizer, collate, encode_example, encode_rows,
-                  extract_answer, gpt2_tokenizer, load_tokenizer, read_jsonl, rouge)
+from data import (DataError, Example, builtin_task, collate, encode_example, encode_rows, extract_answer,
+                  read_jsonl, rouge)
+from plumbing.tokenizer import byte_tokenizer, gpt2_tokenizer, load_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [

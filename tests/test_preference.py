@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 import train  # noqa: E402
 from generate import generate  # noqa: E402
+from plumbing.chat_templates import render_chat  # noqa: E402
+from plumbing.tokenizer import byte_tokenizer  # noqa: E402
 from test_train import (CPU, ROOT, TINY, files, finish, one_thread, start,  # noqa: E402,F401
                         tiny_args, tiny_gpt, torchrun_cmd, weights)
 
@@ -126,7 +128,7 @@ def test_spin_offline_set_equals_generate(spin_one_step):
     argv, out = spin_one_step
     offline = torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)["offline"]
     args = train.get_args(argv)
-    tok = data.byte_tokenizer()
+    tok = byte_tokenizer()
     model = train.make_model(args, tok, CPU).eval()
     rows = train.load_rows(args.data, tok, "arith", 64, "truncate", False)[0]
     cap = min(max(len(r.response) for r in rows) + 16, 64 - max(len(r.prompt) for r in rows))
@@ -244,10 +246,10 @@ def test_pair_shapes_load(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1="}], "chosen": "2",
                                 "rejected": "3"}) + "\n")
-    tok = data.byte_tokenizer()
+    tok = byte_tokenizer()
     rows, task = train.load_rows(path, tok, "auto", 64, "truncate", False, pairs=True)
     assert task == "chat"
-    assert rows[0].prompt == data.render_chat([{"role": "user", "content": "1+1="}], tok)
+    assert rows[0].prompt == render_chat([{"role": "user", "content": "1+1="}], tok)
     assert (rows[0].response, rows[0].rejected) == ([ord("2"), 256], [ord("3"), 256])
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 import data
 import generate
 from plumbing import checks, runs
+from plumbing.tokenizer import load_tokenizer
 import train
 from model import from_pretrained
 
@@ -642,7 +643,7 @@ def test_resume_compares_the_tokenizer_by_content(train_file, tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()
     hf_tokenizer(ck)
-    vocab = data.load_tokenizer(ck).vocab_size
+    vocab = load_tokenizer(ck).vocab_size
     save_pretrained(GPT(GPTConfig(arch="llama", vocab_size=vocab, block_size=64, n_layer=1,
                                   n_head=2, n_embd=32)), ck)
     out = tmp_path / "run"
@@ -653,7 +654,7 @@ def test_resume_compares_the_tokenizer_by_content(train_file, tmp_path):
     a, b = sorted(v, key=v.get)[300:302]  # two tokens change ids: same size, another tokenizer
     v[a], v[b] = v[b], v[a]
     (ck / "tokenizer.json").write_text(json.dumps(tj))
-    assert data.load_tokenizer(ck).vocab_size == vocab
+    assert load_tokenizer(ck).vocab_size == vocab
     fails(train.main, [*argv, "--resume"], "tokenizer tokenizer.json", "(saved: tokenizer.json")
 
 

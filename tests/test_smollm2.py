@@ -69,7 +69,8 @@ def test_tokenizer_matches_the_gguf(gguf_dir):
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
-    from data import load_tokenizer, render_chat
+    from plumbing.chat_templates import render_chat
+    from plumbing.tokenizer import load_tokenizer
     ref = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF)
     # The GGUF names llama.cpp's pre-tokenizer "smollm": each digit alone, then GPT-2's rule.
     # transformers' GGUF reader drops it for plain ByteLevel; put it back to get the GGUF's.

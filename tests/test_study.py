@@ -13,8 +13,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import study  # noqa: E402
 import train  # noqa: E402
-from data import load_tokenizer  # noqa: E402
 from model import from_pretrained  # noqa: E402
+from plumbing.tokenizer import load_tokenizer  # noqa: E402
 
 TINY_SIZES = ["--batch-size", "4", "--warmup-batch-size", "2", "--micro-batch-size", "2",
               "--warmup-epochs", "1", "--max-rounds", "1", "--seeds", "0"]
@@ -143,7 +143,7 @@ def test_rerun_reuses_finished_runs_and_redoes_changed_ones(tmp_path, monkeypatc
 
 
 import map as study_map  # noqa: E402  (scripts/map.py)
-from data import byte_tokenizer  # noqa: E402
+from plumbing.tokenizer import byte_tokenizer  # noqa: E402
 
 
 def test_right_continuation_by_hand():

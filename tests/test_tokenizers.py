@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from data import Example, encode_example, load_tokenizer, render_chat, with_bos
+from data import Example, encode_example
+from plumbing.chat_templates import render_chat
+from plumbing.tokenizer import load_tokenizer, with_bos
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402

@@ -26,6 +26,7 @@ from safetensors.torch import load_file  # noqa: E402
 import data  # noqa: E402
 import plumbing.runs as plumbing  # noqa: E402
 from plumbing.device import fitting_batch  # noqa: E402
+from plumbing.tokenizer import byte_tokenizer  # noqa: E402
 import train  # noqa: E402
 from model import GPT, GPTConfig, from_pretrained, save_pretrained  # noqa: E402
 
@@ -55,7 +56,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     train_ex = data.builtin_task(32, seed=0, terms=(2, 4))
     dev_ex = data.builtin_task(8, seed=1, terms=(2, 4))
-    tok = data.byte_tokenizer()
+    tok = byte_tokenizer()
     for ex in train_ex + dev_ex:  # x ++ y and f(x, y) + 1 fit, so nothing is truncated
         r = data.encode_example(ex, tok, "arith")
         assert len(r.prompt) + len(r.response) <= 64 and len(r.ref_prompt) + 1 <= 64
@@ -684,7 +685,7 @@ def test_eval_samples_average_strict_accuracy(tmp_path):
             "--micro-batch-size", "8", "--eval-temperature", "1.0", "--eval-samples", "3", "--seed", "5"]
     res, model = train.run(train.get_args(argv))
     model.eval()
-    tok = data.byte_tokenizer()
+    tok = byte_tokenizer()
     enc, _ = train.load_rows(path, tok, "arith", 64, "fail", False)
     runs = [train.generate_answers(model, enc, tok, 256, None, 1.0, train.seed_for(5, "eval", s))
             for s in range(3)]
@@ -746,7 +747,7 @@ def test_transformers_generate_stops_on_a_scratch_checkpoints_end_of_text(tmp_pa
                                            "--lr", "1e-2"]))
     ckpt = tmp_path / "o" / "checkpoint"
     config = json.loads((ckpt / "config.json").read_text())
-    eos = data.byte_tokenizer().eos_id
+    eos = byte_tokenizer().eos_id
     assert (config["eos_token_id"], config["bos_token_id"], config["pad_token_id"]) == (eos, eos, eos)
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
     stopped = 0
