@@ -26,7 +26,10 @@ LOOP = [
 TAIL = [
     ("train.py", "build_iteration_set", "line 8: the offline set with the current weights"),
     ("data.py", "collate", "right-padded inputs, targets and loss mask"),
-    ("model.py", "masked_nll", "the masked token-level negative log-likelihood"),
+    ("model.py", "GPT", "the decoder: forward (logits, or the loss) for training, hidden for "
+                        "decoding over the KV cache"),
+    ("model.py", "chunked_nll", "the loss training calls: -log p(target) at the scored positions, "
+                                "which step_loss sums into Eq. 1, 5 and 7"),
 ]
 PATHS = {  # in file order, so that reading them is reading each file from the top
     "BASH": LOOP + [
@@ -70,7 +73,8 @@ def page() -> str:
             a, b = defs[f][fn]
             lines.append(f"| {i} | `{fn}` | `{f}:{a}-{b}` | {what} |")
         lines.append("")
-    lines += ["Skip `plumbing/` (run folders, checkpoints, checks on every input) and the "
+    lines += ["Skip `plumbing/` (Hugging Face conversion, tokenizers, chat templates, torchrun, "
+              "device speed, run folders, checkpoints, checks on every input) and the "
               "baselines section of `train.py` unless you need them.", ""]
     return "\n".join(lines)
 
