@@ -371,3 +371,18 @@ def read_jsonl(path, pairs: bool = False, digest=None) -> list[Example]:
     if not examples:
         raise DataError(f"{path}: no examples (file is empty)")
     return examples
+
+
+def load_rows(path, tok, task, max_len, overflow, need_ref, pairs=False, digest=None):
+    """Rows and the task; pairs: preference pairs, rows (x, chosen) with Row.rejected; digest:
+    a hashlib object fed the file's bytes as they are read."""
+    examples = read_jsonl(path, pairs=pairs, digest=digest)
+    if task == "auto":
+        shapes = {e.shape for e in examples}
+        task = "chat" if "messages" in shapes else "math" if "question" in shapes else "plain"
+    try:
+        if pairs:
+            return encode_pairs(examples, tok, task, max_len, overflow), task
+        return encode_rows(examples, tok, task, max_len, overflow, need_ref=need_ref), task
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None

@@ -19,9 +19,7 @@ import functools
 import hashlib
 import json
 import math
-import signal
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,21 +29,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (TASKS, DataError, collate, encode_pairs, encode_rows, extract_answer,
-                  read_jsonl, rouge)
+from data import TASKS, DataError, collate, extract_answer, load_rows, rouge
 from generate import bash_mix, generate, rac_labels
 from model import GPT, IGNORE, checked_config, from_pretrained, save_pretrained
-from plumbing.checks import (EXPECTED, check_finite, check_memory, device_name, error_line,
-                             fraction, non_negative_float, non_negative_int, positive_float,
-                             positive_int)
+from plumbing.checks import (EXPECTED, check_finite, check_flags, check_memory, check_model,
+                             check_plan, device_name, error_line, fraction, non_negative_float,
+                             non_negative_int, positive_float, positive_int)
 from plumbing.device import autocast, fitting_batch, packed_linears
 from plumbing.distributed import (accumulate, all_reduce, barrier, finish, from_rank0,
                                   gathered_decoder, grad_norm, is_rank0, load_whole_state, merged,
                                   setup, whole_state, wrap)
 from plumbing.hf_families import config_to_hf, param_count
 from plumbing.runs import (Interrupted, claim_out, find_checkpoint, finite, interrupted_line,
-                           load_train_state, log, release_out, run_settings, save_checkpoint,
-                           stop_on_signals, tokenizer_files)
+                           load_train_state, log, release_out, run_command, run_settings,
+                           save_checkpoint, tokenizer_files)
 from plumbing.tokenizer import byte_tokenizer, check_vocab, gpt2_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -512,7 +509,8 @@ def start(args) -> Run:
     raw = make_model(args, tok, device)
     raw.checkpointing = args.activation_checkpointing  # same gradients, less memory (README)
     max_len = args.max_len or raw.config.block_size
-    check_model(args, tok, raw, max_len)
+    check_vocab(tok, raw.config.vocab_size, args.init)
+    check_model(args, raw, max_len)
     digest = hashlib.sha256()  # of the bytes the rows were read from
     rows, task = load_rows(args.data, tok, args.task, max_len, args.overflow,
                            need_ref=method.reads_ref, pairs=method.pair_data, digest=digest)
@@ -522,7 +520,8 @@ def start(args) -> Run:
         raise DataError(f"--eval-data {args.eval_data}: {{{eval_rows[0].shape}, ...}} rows, but "
                         f"--data holds {{{rows[0].shape}, ...}} rows (give them one shape)")
     cap = new_token_cap(rows, max_len)  # RAC's and SPIN's default cap on z
-    per_epoch = check_plan(args, len(rows), world)
+    per_epoch = steps_per_epoch(len(rows), args.batch_size)
+    check_plan(args, len(rows), world, per_epoch)
     model = wrap(raw, device, world, args.fsdp, args.precision, args.compile)
     out = Path(args.out)
     opt = make_optimizer(raw, args)
@@ -576,21 +575,6 @@ def make_model(args, tok, device):
     return GPT(cfg).to(device)
 
 
-def load_rows(path, tok, task, max_len, overflow, need_ref, pairs=False, digest=None):
-    """Rows and the task; pairs: preference pairs, rows (x, chosen) with Row.rejected; digest:
-    a hashlib object fed the file's bytes as they are read."""
-    examples = read_jsonl(path, pairs=pairs, digest=digest)
-    if task == "auto":
-        shapes = {e.shape for e in examples}
-        task = "chat" if "messages" in shapes else "math" if "question" in shapes else "plain"
-    try:
-        if pairs:
-            return encode_pairs(examples, tok, task, max_len, overflow), task
-        return encode_rows(examples, tok, task, max_len, overflow, need_ref=need_ref), task
-    except DataError as e:
-        raise DataError(f"{path}: {e}") from None
-
-
 def new_token_cap(rows, context: int) -> int:
     """The default cap on generated responses: the longest reference + 16, within the context."""
     return min(max(len(r.response) for r in rows) + 16, context - max(len(r.prompt) for r in rows))
@@ -626,33 +610,6 @@ def batch_indices(step, n_rows, batch_size, seed):
     gen = torch.Generator().manual_seed(seed_for(seed, "epoch", epoch))
     order = torch.randperm(n_rows, generator=gen)
     return order[b * batch_size:(b + 1) * batch_size].tolist()
-
-
-def check_model(args, tok, raw, max_len):
-    """What a checkpoint and the flags must agree on, checked before anything is written."""
-    check_vocab(tok, raw.config.vocab_size, args.init)
-    if args.init != "scratch":  # loaded: gradients and AdamW's two moments are still to come
-        check_memory(12 * raw.num_params(), f"--init {args.init}: training its "
-                     f"{raw.num_params():,} parameters", raw.device, "train a smaller model")
-    if max_len > raw.config.block_size:
-        raise ValueError(f"--max-len {max_len}: longer than the model's context of "
-                         f"{raw.config.block_size} tokens (at most {raw.config.block_size})")
-
-
-def check_plan(args, n_rows, world) -> int:
-    """The batch against the data and the processes; every phase must have steps. Returns the
-    steps per epoch."""
-    if args.batch_size > n_rows:
-        raise ValueError(f"--batch-size {args.batch_size}: larger than the {n_rows} rows of "
-                         f"{args.data} (at most {n_rows})")
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
-                         f"processes {world}")
-    per_epoch = steps_per_epoch(n_rows, args.batch_size)
-    if round(args.iter_epochs * per_epoch) < 1:
-        raise ValueError(f"--iter-epochs {args.iter_epochs:g}: no step in an iteration of "
-                         f"{per_epoch} steps per epoch (at least {0.5 / per_epoch:g})")
-    return per_epoch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -877,44 +834,22 @@ def get_args(argv=None):
     g.add_argument("--stop-after", type=non_negative_int, default=0,
                    help="save and stop after N optimizer steps (resume later)")
     args = p.parse_args(argv)
-    if METHODS[args.method].pair_data and args.sft_epochs:
-        p.error(f"--method {args.method} trains on the pairs from its first step: --sft-epochs "
-                "must be 0 (train SFT first, then --init from its checkpoint)")
     if args.lr is None:
         args.lr = 2e-3 if args.init == "scratch" else 1e-5
     args.out = args.out or f"out/{args.method}"
     args.micro_batch_size = args.micro_batch_size or min(args.batch_size, 64)
-    if args.micro_batch_size > args.batch_size:
-        p.error(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size "
-                f"{args.batch_size} (at most the batch)")
-    if args.min_lr is not None and args.min_lr > args.lr:
-        p.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g} (the schedule decays)")
-    if args.resume and args.overwrite:
-        p.error("--resume and --overwrite exclude each other (continue the run, or replace it)")
-    if args.resume_with_new_settings and not args.resume:
-        p.error("--resume-with-new-settings goes with --resume")
+    check_flags(p, args, METHODS[args.method].pair_data)
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
-    stopped = None
-    try:
-        with stop_on_signals():
-            res, _ = run(args)
+
+    def body():
+        res, _ = run(args)
         if is_rank0():
             print(json.dumps(finite({k: v for k, v in res.items() if k != "sample"}), indent=1))
-    except EXPECTED as e:
-        sys.exit(error_line(e))
-    except Interrupted as e:  # rank 0's line ("" on the others); exit 128 + the signal
-        stopped = (e.line if e.line is not None else f"error: interrupted by "
-                   f"{signal.Signals(e.signum).name} before training started", 128 + e.signum)
-    finally:
-        finish()
-    if stopped:  # here, once the progress bar has printed its last state
-        if stopped[0]:
-            print(stopped[0], file=sys.stderr)
-        sys.exit(stopped[1])
+    run_command(body, finish)  # a failure or SIGINT / SIGTERM: one error line, and its exit code
 
 
 if __name__ == "__main__":

@@ -293,3 +293,47 @@ def check_fields(fields: dict, limits: dict, where: str, names: dict | None = No
             what = "true or false" if kind is bool else (
                 f"{'an integer' if kind is int else 'a number'} in [{lo:g}, {hi:g}]")
             raise ValueError(f"{where}: {names.get(key, key)} is {value!r}, expected {what}")
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py's flags, checkpoint and plan: what must agree, checked before anything is written
+
+
+def check_flags(parser, args, pair_data: bool):
+    """Flags that exclude each other or must agree: parser.error (exit 2) names them."""
+    if pair_data and args.sft_epochs:
+        parser.error(f"--method {args.method} trains on the pairs from its first step: "
+                     "--sft-epochs must be 0 (train SFT first, then --init from its checkpoint)")
+    if args.micro_batch_size > args.batch_size:
+        parser.error(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size "
+                     f"{args.batch_size} (at most the batch)")
+    if args.min_lr is not None and args.min_lr > args.lr:
+        parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g} (the schedule decays)")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other (continue the run, or replace "
+                     "it)")
+    if args.resume_with_new_settings and not args.resume:
+        parser.error("--resume-with-new-settings goes with --resume")
+
+
+def check_model(args, raw, max_len: int):
+    """What a checkpoint and the flags must agree on (after its vocabulary: check_vocab)."""
+    if args.init != "scratch":  # loaded: gradients and AdamW's two moments are still to come
+        check_memory(12 * raw.num_params(), f"--init {args.init}: training its "
+                     f"{raw.num_params():,} parameters", raw.device, "train a smaller model")
+    if max_len > raw.config.block_size:
+        raise ValueError(f"--max-len {max_len}: longer than the model's context of "
+                         f"{raw.config.block_size} tokens (at most {raw.config.block_size})")
+
+
+def check_plan(args, n_rows: int, world: int, per_epoch: int):
+    """The batch against the data and the processes; every phase must have steps."""
+    if args.batch_size > n_rows:
+        raise ValueError(f"--batch-size {args.batch_size}: larger than the {n_rows} rows of "
+                         f"{args.data} (at most {n_rows})")
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
+                         f"processes {world}")
+    if round(args.iter_epochs * per_epoch) < 1:
+        raise ValueError(f"--iter-epochs {args.iter_epochs:g}: no step in an iteration of "
+                         f"{per_epoch} steps per epoch (at least {0.5 / per_epoch:g})")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from plumbing.checks import inside, is_int, read_json
+from plumbing.checks import EXPECTED, error_line, inside, is_int, read_json
 
 # ----------------------------------------------------------------------------------------------
 # Writing inside --out: never through a symbolic link, files created fresh
@@ -551,3 +551,25 @@ def interrupted_line(out: Path, signum: int) -> str:
         ckpt / "run.json").exists() else "?"
     return (f"error: interrupted by {name} at step {step}; the last checkpoint is {ckpt} "
             f"(step {saved}): --resume continues from it")
+
+
+def run_command(body, finish):
+    """Run a command's body under stop_on_signals. An expected failure ends in its one error line
+    and exit 1; SIGINT / SIGTERM in rank 0's line (Interrupted.line; "" on the other ranks) and
+    exit 128 + the signal, printed once the progress bar has printed its last state. finish()
+    runs however the body ends."""
+    stopped = None
+    try:
+        with stop_on_signals():
+            body()
+    except EXPECTED as e:
+        sys.exit(error_line(e))
+    except Interrupted as e:
+        stopped = (e.line if e.line is not None else f"error: interrupted by "
+                   f"{signal.Signals(e.signum).name} before training started", 128 + e.signum)
+    finally:
+        finish()
+    if stopped:
+        if stopped[0]:
+            print(stopped[0], file=sys.stderr)
+        sys.exit(stopped[1])

@@ -41,10 +41,10 @@ SMOL, GSM = ROOT / "assets" / "smollm2-135m-instruct", ROOT / "assets" / "gsm" /
 
 def gsm_rows(n=8):
     """The first n GSM-style training rows, math template, SmolLM2's tokenizer."""
-    import train
+    from data import load_rows
     from plumbing.tokenizer import load_tokenizer
     tok = load_tokenizer(SMOL)
-    rows, _ = train.load_rows(str(GSM), tok, "math", 1024, "truncate", False)
+    rows, _ = load_rows(str(GSM), tok, "math", 1024, "truncate", False)
     return rows[:n], tok
 
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
 from make_pairs import make_pairs  # noqa: E402
-from data import BUILTIN_FORMS, QA_REF, QA_SYSTEM, builtin_task  # noqa: E402
+from data import BUILTIN_FORMS, QA_REF, QA_SYSTEM, builtin_task, load_rows  # noqa: E402
 from plumbing.checks import (device_name, fraction, non_negative_float,  # noqa: E402
                              non_negative_int, out_folder, positive_float, positive_int,
                              script_main)
@@ -332,7 +332,7 @@ def evaluate_checkpoint(init: Path, data: dict, split: str, args) -> dict:
     """A checkpoint the continuations start from (or the pretrained one), scored like them."""
     tok, model = load_tokenizer(init), from_pretrained(init, device=args.device)
     task = data["template"]
-    rows, _ = train.load_rows(data[split], tok, task, model.config.block_size, "fail", False)
+    rows, _ = load_rows(data[split], tok, task, model.config.block_size, "fail", False)
     res = train.evaluate(model, rows, tok, task, args.micro_batch_size, 256, args.max_new_tokens,
                          args.eval_temperature, args.eval_samples)
     return {k: v for k, v in res.items() if k != "sample"}

@@ -130,7 +130,7 @@ def test_spin_offline_set_equals_generate(spin_one_step):
     args = train.get_args(argv)
     tok = byte_tokenizer()
     model = train.make_model(args, tok, CPU).eval()
-    rows = train.load_rows(args.data, tok, "arith", 64, "truncate", False)[0]
+    rows = data.load_rows(args.data, tok, "arith", 64, "truncate", False)[0]
     cap = min(max(len(r.response) for r in rows) + 16, 64 - max(len(r.prompt) for r in rows))
     seed = train.seed_for(args.seed, "offline", 0)  # iteration 0, then decode batch k of 12 rows
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))  # batched by length
@@ -247,7 +247,7 @@ def test_pair_shapes_load(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1="}], "chosen": "2",
                                 "rejected": "3"}) + "\n")
     tok = byte_tokenizer()
-    rows, task = train.load_rows(path, tok, "auto", 64, "truncate", False, pairs=True)
+    rows, task = data.load_rows(path, tok, "auto", 64, "truncate", False, pairs=True)
     assert task == "chat"
     assert rows[0].prompt == render_chat([{"role": "user", "content": "1+1="}], tok)
     assert (rows[0].response, rows[0].rejected) == ([ord("2"), 256], [ord("3"), 256])

@@ -12,6 +12,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import study  # noqa: E402
+from data import load_rows  # noqa: E402
 import train  # noqa: E402
 from model import from_pretrained  # noqa: E402
 from plumbing.tokenizer import load_tokenizer  # noqa: E402
@@ -71,7 +72,7 @@ def test_gsm_from_a_pretrained_checkpoint(tmp_path):
     assert [r["label"] for r in results] == ["pretrained", "warm-up", "sft", "bash", "rac"]
     # the first row is the checkpoint itself, scored with the math template on the test split
     tok, model = load_tokenizer(init), from_pretrained(init)
-    rows, _ = train.load_rows(out / "gsm" / "data" / "test.jsonl", tok, "math",
+    rows, _ = load_rows(out / "gsm" / "data" / "test.jsonl", tok, "math",
                               model.config.block_size, "fail", False)
     direct = train.evaluate(model, rows, tok, "math", 2, 256, 8)
     assert results[0]["val_loss"] == pytest.approx(direct["val_loss"], rel=1e-5)
@@ -268,8 +269,8 @@ def test_chat_template_reference_rows_are_the_rac_prompts(tmp_path):
     data = study.write_splits(tmp_path / "data", "chain", args)
     assert (data["template"], data["form"]) == ("chat", "chain")
     tok = train.byte_tokenizer()
-    train_rows, _ = train.load_rows(data["train"], tok, "chat", 512, "fail", True)
-    warm, _ = train.load_rows(data["warmup"], tok, "chat", 512, "fail", False)
+    train_rows, _ = load_rows(data["train"], tok, "chat", 512, "fail", True)
+    warm, _ = load_rows(data["warmup"], tok, "chat", 512, "fail", False)
     assert len(warm) == 6
     for row, own in zip(train_rows, warm[:3]):  # the training rows: x in one user turn
         assert (own.prompt, own.response) == (row.prompt, row.response)
@@ -283,7 +284,7 @@ def test_chat_template_reference_rows_are_the_rac_prompts(tmp_path):
                               + tok.encode("<|assistant|>\n"))  # the zephyr-style tags, by hand
     assert all(r.answer is not None for r in train_rows)  # '#### n' is still scored
     # one shape in every file, so that the warm-up (warmup.jsonl) can evaluate on dev.jsonl
-    dev, _ = train.load_rows(data["dev"], tok, "chat", 512, "fail", False)
+    dev, _ = load_rows(data["dev"], tok, "chat", 512, "fail", False)
     assert {r.shape for r in train_rows + warm + dev} == {"messages"}
 
 

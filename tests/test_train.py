@@ -686,7 +686,7 @@ def test_eval_samples_average_strict_accuracy(tmp_path):
     res, model = train.run(train.get_args(argv))
     model.eval()
     tok = byte_tokenizer()
-    enc, _ = train.load_rows(path, tok, "arith", 64, "fail", False)
+    enc, _ = data.load_rows(path, tok, "arith", 64, "fail", False)
     runs = [train.generate_answers(model, enc, tok, 256, None, 1.0, train.seed_for(5, "eval", s))
             for s in range(3)]
     truth = [r["response"].split()[-1] for r in rows]
