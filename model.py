@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from plumbing.checks import check_fields, check_memory, inside, read_json
-from plumbing.hf_families import (LIMITS, config_fields, config_problems, config_to_hf, hf_tensors, load_hf_state,
-                                  param_count, write_hf_files)
+from plumbing.hf_families import (LIMITS, config_fields, config_problems, config_to_hf,
+                                  hf_tensors, load_hf_state, param_count, write_hf_files)
 
 # What each family fixes in the base decoder: norm "layer" (LayerNorm) or "rms_1p" (x (1 + w));
 # mlp "gelu_tanh", "gelu" (exact erf) or "geglu" (GELU-tanh gate) instead of "swiglu"; qk_norm

@@ -350,7 +350,8 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
     new = max(max(len(x.response) for x in r.rows), r.rac_max_new_tokens, r.spin_max_new_tokens)
     batch = fitting_batch(r.raw, r.rows, r.args.build_batch_size, new, r.args.precision,
                           r.args.build_memory_gb)
-    offline = build_offline(gathered_decoder(r.raw, r.args.fsdp, r.args.precision), r.rows, functools.partial(m.build, r), batch,
+    model = gathered_decoder(r.raw, r.args.fsdp, r.args.precision)  # --fsdp: a whole copy
+    offline = build_offline(model, r.rows, functools.partial(m.build, r), batch,
                             seed_for(r.args.seed, "offline", iteration), r.rank, r.world,
                             r.args.precision)
     stats = (pair_stats if m.pairs else offline_stats)(offline)
