@@ -33,8 +33,8 @@ from data import TASKS, DataError, collate, extract_answer, load_rows, rouge
 from generate import bash_mix, generate, rac_labels
 from model import GPT, IGNORE, checked_config, from_pretrained, save_pretrained
 from plumbing.checks import (EXPECTED, check_finite, check_flags, check_memory, check_model,
-                             check_plan, device_name, error_line, fraction, non_negative_float,
-                             non_negative_int, positive_float, positive_int)
+                             check_plan, check_training_memory, device_name, error_line, fraction,
+                             non_negative_float, non_negative_int, positive_float, positive_int)
 from plumbing.device import autocast, fitting_batch, packed_linears
 from plumbing.distributed import (accumulate, all_reduce, barrier, finish, from_rank0,
                                   gathered_decoder, grad_norm, is_rank0, load_whole_state, merged,
@@ -524,6 +524,7 @@ def start(args) -> Run:
     per_epoch = steps_per_epoch(len(rows), args.batch_size)
     check_plan(args, len(rows), world, per_epoch)
     model = wrap(raw, device, world, args.fsdp, args.precision, args.compile)
+    check_training_memory(args, raw, world)  # after sharding: --fsdp's ranks hold 1/world each
     out = Path(args.out)
     opt = make_optimizer(raw, args)
     settings = run_settings(args, tok, config_to_hf(raw.config), digest.hexdigest(), carried, world)
@@ -568,9 +569,9 @@ def make_model(args, tok, device):
                   n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                   tie_embeddings=True, dropout=args.dropout, token_ids=ids)
     cfg = checked_config(fields, "--init scratch", {k: "--" + k.replace("_", "-") for k in fields})
-    n = param_count(cfg)  # fp32 weights, gradients and AdamW's two moments: 16 bytes each
-    check_memory(16 * n, f"--init scratch: a model of {n:,} parameters (--n-layer {cfg.n_layer}, "
-                 f"--n-embd {cfg.n_embd}, vocabulary {cfg.vocab_size}) to train", device,
+    n = param_count(cfg)  # fp32 weights (what training adds: check_training_memory)
+    check_memory(4 * n, f"--init scratch: a model of {n:,} parameters (--n-layer {cfg.n_layer}, "
+                 f"--n-embd {cfg.n_embd}, vocabulary {cfg.vocab_size}) to build", device,
                  "choose smaller sizes")
     torch.manual_seed(seed_for(args.seed, "init"))
     return GPT(cfg).to(device)
