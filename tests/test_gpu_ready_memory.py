@@ -4,6 +4,7 @@ machine; every saved state is read onto the CPU; --fsdp's validation loss is fp3
 CUDA runs only. Stand-ins take the place of the device: plumbing.checks.available_memory for its
 free memory, a model that reports a CUDA device for the bf16 gathered copy, torch.load's keywords.
 """
+import ast
 import json
 import sys
 from pathlib import Path
@@ -154,3 +155,36 @@ def test_free_cuda_memory_counts_what_the_allocator_holds_unused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda where=None: 30 * GiB)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda where=None: 4 * GiB)
     assert checks.available_memory("cuda:0") == (3 + 30 - 4) * GiB
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Saved state is read onto the CPU (a DDP resume would put every rank's on cuda:0)
+
+
+def test_resume_reads_saved_state_with_map_location(files, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = tiny_args(files, out, "--method", "sft", "--iter-epochs", "1")
+    train.main([*args, "--stop-after", "2"])
+    calls, real = [], torch.load
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(torch, "load", spy)
+    train.main([*args, "--resume"])
+    assert calls, "the resume read no saved state"
+    assert all(kw.get("map_location") == "cpu" for kw in calls), calls
+
+
+def test_every_torch_load_in_the_code_names_map_location():
+    """Statically: no torch.load in the code (tests aside) lets a saved tensor choose its device."""
+    missing = []
+    for path in sorted(ROOT.glob("**/*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", ".git") or "site-packages" in rel.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load"
+                    and "map_location" not in {k.arg for k in node.keywords}):
+                missing.append(f"{rel}:{node.lineno}")
+    assert not missing, f"torch.load without map_location: {missing}"
