@@ -36,9 +36,9 @@ from plumbing.checks import (EXPECTED, check_finite, check_flags, check_memory, 
                              check_plan, check_training_memory, device_name, error_line, fraction,
                              non_negative_float, non_negative_int, positive_float, positive_int)
 from plumbing.device import autocast, fitting_batch, packed_linears
-from plumbing.distributed import (accumulate, all_reduce, barrier, finish, from_rank0,
-                                  gathered_decoder, grad_norm, is_rank0, load_whole_state, merged,
-                                  setup, whole_state, wrap)
+from plumbing.distributed import (accumulate, all_reduce, barrier, finish, for_decoding,
+                                  from_rank0, gathered_decoder, grad_norm, is_rank0,
+                                  load_whole_state, merged, setup, whole_state, wrap)
 from plumbing.hf_families import config_to_hf, param_count
 from plumbing.runs import (Interrupted, claim_out, find_checkpoint, finite, interrupted_line,
                            load_train_state, log, release_out, run_command, run_settings,
@@ -634,6 +634,7 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
         count += sum(len(r.targets) for r in sft)
     out = {"val_loss": total / max(count, 1)}
     if any(r.answer is not None for r in rows) or task == "summarize":
+        for_decoding(model)  # --fsdp's gathered copy, scored in fp32: bf16 from here on CUDA
         runs = [generate_answers(model, rows, tok, gen_batch, max_new_tokens, temperature,
                                  seed_for(seed, "eval", s), precision) for s in range(samples)]
         n = sum(r.answer is not None for r in rows)
@@ -675,8 +676,9 @@ def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperat
 def evaluate_run(r: Run, state: dict, tag: str) -> dict:
     """Evaluate on rank 0 and log it; every rank returns rank 0's result."""
     res = {}
-    # --fsdp: every rank takes part in the gather
-    model = gathered_decoder(r.raw, r.args.fsdp, r.args.precision) if r.eval_rows else None
+    # --fsdp: every rank takes part in the gather; the copy keeps fp32 for the validation loss
+    model = (gathered_decoder(r.raw, r.args.fsdp, r.args.precision, scores=True)
+             if r.eval_rows else None)
     if r.eval_rows and r.rank == 0:
         a = r.args
         new = a.eval_max_new_tokens or new_token_cap(r.eval_rows, r.raw.config.block_size)

@@ -188,3 +188,57 @@ def test_every_torch_load_in_the_code_names_map_location():
                     and "map_location" not in {k.arg for k in node.keywords}):
                 missing.append(f"{rel}:{node.lineno}")
     assert not missing, f"torch.load without map_location: {missing}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. --fsdp's validation loss in fp32
+
+
+FAKE_CUDA = SimpleNamespace(type="cuda", index=0)
+
+
+class ShardedOnCuda(GPT):
+    """A stand-in for the sharded model on a GPU: the gathered decoder, the decode sizing and the
+    precision see a CUDA device; the copy gathered from it (a new instance) is a CPU model."""
+    on_cuda = False
+
+    @property
+    def device(self):
+        return FAKE_CUDA if self.on_cuda else super().device
+
+
+def eval_run(raw, rows, tok, out, fsdp):
+    args = SimpleNamespace(fsdp=fsdp, precision="bf16", eval_max_new_tokens=8, build_batch_size=8,
+                           build_memory_gb=1.0, micro_batch_size=4, eval_temperature=0.0,
+                           eval_samples=1, seed=0)
+    out.mkdir()
+    return SimpleNamespace(raw=raw, args=args, eval_rows=rows, rank=0, world=1, tok=tok,
+                           task="arith", out=out)
+
+
+def test_fsdp_validation_loss_is_fp32(files, tmp_path, monkeypatch):
+    """Under --fsdp on CUDA the gathered copy decodes on bf16 weights; the validation loss is
+    computed first, on its fp32 weights: exactly the fp32 loss of the model itself. Decoding
+    still sees bf16 weights (half the copy's memory), and the model itself stays fp32."""
+    tok = byte_tokenizer()
+    rows = data.load_rows(files[1], tok, "arith", 64, "fail", False)[0]
+    torch.manual_seed(0)
+    cfg = GPTConfig(arch="llama", vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                    n_embd=32, tie_embeddings=True)
+    plain = GPT(cfg)
+    raw = ShardedOnCuda(cfg)
+    raw.load_state_dict(plain.state_dict())
+    raw.on_cuda = True
+    before = {k: v.clone() for k, v in raw.state_dict().items()}
+    want = train.evaluate_run(eval_run(plain, rows, tok, tmp_path / "a", False), {"step": 0}, "t")
+    decoded_in, real_generate = [], train.generate
+
+    def spy(model, *a, **kw):
+        decoded_in.append(model.dtype)
+        return real_generate(model, *a, **kw)
+    monkeypatch.setattr(train, "generate", spy)
+    got = train.evaluate_run(eval_run(raw, rows, tok, tmp_path / "b", True), {"step": 0}, "t")
+    assert got["val_loss"] == want["val_loss"], (got["val_loss"], want["val_loss"])
+    assert decoded_in and set(decoded_in) == {torch.bfloat16}  # the copy decodes in bf16
+    assert raw.dtype == torch.float32 and all(torch.equal(v, before[k])
+                                              for k, v in raw.state_dict().items())
