@@ -35,7 +35,7 @@ from model import GPT, IGNORE, checked_config, from_pretrained, save_pretrained
 from plumbing.checks import (EXPECTED, check_finite, check_flags, check_memory, check_model,
                              check_plan, check_training_memory, device_name, error_line, fraction,
                              non_negative_float, non_negative_int, positive_float, positive_int)
-from plumbing.device import autocast, fitting_batch, packed_linears
+from plumbing.device import allow_tf32, autocast, fitting_batch, packed_linears
 from plumbing.distributed import (accumulate, all_reduce, barrier, finish, for_decoding,
                                   from_rank0, gathered_decoder, grad_norm, is_rank0,
                                   load_whole_state, merged, setup, whole_state, wrap)
@@ -503,6 +503,7 @@ METHODS = {m.name: m for m in (
 def start(args) -> Run:
     """Set up a run: processes, tokenizer, model, data, optimizer, the step plan, the folder."""
     rank, world, device = setup(args.device)
+    allow_tf32(device)  # CUDA's fp32 matmuls (the validation loss, --precision fp32) in TF32
     method = METHODS[args.method]
     torch.manual_seed(seed_for(args.seed, "torch"))  # dropout and NEFTune noise
     tok = make_tokenizer(args)

@@ -16,7 +16,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import generate  # noqa: E402
 import plumbing.checks as checks  # noqa: E402
+import plumbing.device as device  # noqa: E402
 import train  # noqa: E402
 from model import GPT, GPTConfig, config_from_hf, from_pretrained, save_pretrained  # noqa: E402
 from plumbing.hf_families import param_count  # noqa: E402
@@ -242,3 +244,44 @@ def test_fsdp_validation_loss_is_fp32(files, tmp_path, monkeypatch):
     assert decoded_in and set(decoded_in) == {torch.bfloat16}  # the copy decodes in bf16
     assert raw.dtype == torch.float32 and all(torch.equal(v, before[k])
                                               for k, v in raw.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. TF32 for CUDA's fp32 matmuls, set when a run starts on CUDA and never on a CPU
+
+
+@pytest.fixture
+def tf32_flags():
+    """The two global switches, off before the test and restored after it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def flags():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_tf32_is_set_for_cuda_only(tf32_flags):
+    device.allow_tf32(torch.device("cpu"))
+    device.allow_tf32("cpu")
+    assert flags() == (False, False)
+    device.allow_tf32(torch.device("cuda"))  # sets flags only: no CUDA op runs
+    assert flags() == (True, True)
+
+
+def test_runs_set_tf32_for_their_device(files, tiny_checkpoint, tmp_path, monkeypatch, tf32_flags):
+    """train.start and generate's command line set it for the device they run on: here a CPU,
+    so the switches stay off."""
+    seen, real = [], device.allow_tf32
+
+    def spy(where):
+        seen.append(torch.device(where).type)
+        real(where)
+    monkeypatch.setattr(train, "allow_tf32", spy)
+    monkeypatch.setattr(device, "allow_tf32", spy)
+    r = train.start(train.get_args(tiny_args(files, tmp_path / "run")))
+    train.release_out(r.out, r.lock, r.made)
+    generate.main(["--init", str(tiny_checkpoint), "--max-new-tokens", "2", "--device", "cpu"])
+    assert seen == ["cpu", "cpu"] and flags() == (False, False)
