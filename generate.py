@@ -229,8 +229,10 @@ def main(argv=None):
 def sample_command(args):
     from model import from_pretrained
     from plumbing.chat_templates import render_chat
+    from plumbing.device import allow_tf32
     from plumbing.tokenizer import check_vocab, load_tokenizer, with_bos
 
+    allow_tf32(args.device)
     tok = load_tokenizer(args.init)
     model = from_pretrained(args.init, device=args.device).eval()
     check_vocab(tok, model.config.vocab_size, args.init)

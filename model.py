@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from plumbing.checks import check_fields, check_memory, inside, read_json
+from plumbing.checks import check_fields, check_loading, inside, read_json
 from plumbing.hf_families import (LIMITS, config_fields, config_problems, config_to_hf,
                                   hf_tensors, load_hf_state, param_count, write_hf_files)
 
@@ -410,8 +410,7 @@ def from_pretrained(path, dtype=torch.float32, device="cpu") -> GPT:
         raise FileNotFoundError(f"{path}: no config.json")
     cfg = config_from_hf(read_json(cfg_file), str(cfg_file))
     n = param_count(cfg)
-    check_memory(n * dtype.itemsize, f"{cfg_file}: a model of {n:,} parameters", device,
-                 "load it on a larger machine")
+    check_loading(n * dtype.itemsize, f"{cfg_file}: a model of {n:,} parameters", device)
     with torch.device("meta"):
         model = GPT(cfg)
     state = load_hf_state(cfg, path, dtype)

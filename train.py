@@ -33,12 +33,12 @@ from data import TASKS, DataError, collate, extract_answer, load_rows, rouge
 from generate import bash_mix, generate, rac_labels
 from model import GPT, IGNORE, checked_config, from_pretrained, save_pretrained
 from plumbing.checks import (EXPECTED, check_finite, check_flags, check_memory, check_model,
-                             check_plan, device_name, error_line, fraction, non_negative_float,
-                             non_negative_int, positive_float, positive_int)
-from plumbing.device import autocast, fitting_batch, packed_linears
-from plumbing.distributed import (accumulate, all_reduce, barrier, finish, from_rank0,
-                                  gathered_decoder, grad_norm, is_rank0, load_whole_state, merged,
-                                  setup, whole_state, wrap)
+                             check_plan, check_training_memory, device_name, error_line, fraction,
+                             non_negative_float, non_negative_int, positive_float, positive_int)
+from plumbing.device import allow_tf32, autocast, fitting_batch, packed_linears
+from plumbing.distributed import (accumulate, all_reduce, barrier, finish, for_decoding,
+                                  from_rank0, gathered_decoder, grad_norm, is_rank0,
+                                  load_whole_state, merged, setup, whole_state, wrap)
 from plumbing.hf_families import config_to_hf, param_count
 from plumbing.runs import (Interrupted, claim_out, find_checkpoint, finite, interrupted_line,
                            load_train_state, log, release_out, run_command, run_settings,
@@ -503,6 +503,7 @@ METHODS = {m.name: m for m in (
 def start(args) -> Run:
     """Set up a run: processes, tokenizer, model, data, optimizer, the step plan, the folder."""
     rank, world, device = setup(args.device)
+    allow_tf32(device)  # CUDA's fp32 matmuls (the validation loss, --precision fp32) in TF32
     method = METHODS[args.method]
     torch.manual_seed(seed_for(args.seed, "torch"))  # dropout and NEFTune noise
     tok = make_tokenizer(args)
@@ -524,6 +525,7 @@ def start(args) -> Run:
     per_epoch = steps_per_epoch(len(rows), args.batch_size)
     check_plan(args, len(rows), world, per_epoch)
     model = wrap(raw, device, world, args.fsdp, args.precision, args.compile)
+    check_training_memory(args, raw, world)  # after sharding: --fsdp's ranks hold 1/world each
     out = Path(args.out)
     opt = make_optimizer(raw, args)
     settings = run_settings(args, tok, config_to_hf(raw.config), digest.hexdigest(), carried, world)
@@ -568,9 +570,9 @@ def make_model(args, tok, device):
                   n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                   tie_embeddings=True, dropout=args.dropout, token_ids=ids)
     cfg = checked_config(fields, "--init scratch", {k: "--" + k.replace("_", "-") for k in fields})
-    n = param_count(cfg)  # fp32 weights, gradients and AdamW's two moments: 16 bytes each
-    check_memory(16 * n, f"--init scratch: a model of {n:,} parameters (--n-layer {cfg.n_layer}, "
-                 f"--n-embd {cfg.n_embd}, vocabulary {cfg.vocab_size}) to train", device,
+    n = param_count(cfg)  # fp32 weights (what training adds: check_training_memory)
+    check_memory(4 * n, f"--init scratch: a model of {n:,} parameters (--n-layer {cfg.n_layer}, "
+                 f"--n-embd {cfg.n_embd}, vocabulary {cfg.vocab_size}) to build", device,
                  "choose smaller sizes")
     torch.manual_seed(seed_for(args.seed, "init"))
     return GPT(cfg).to(device)
@@ -633,6 +635,7 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
         count += sum(len(r.targets) for r in sft)
     out = {"val_loss": total / max(count, 1)}
     if any(r.answer is not None for r in rows) or task == "summarize":
+        for_decoding(model)  # --fsdp's gathered copy, scored in fp32: bf16 from here on CUDA
         runs = [generate_answers(model, rows, tok, gen_batch, max_new_tokens, temperature,
                                  seed_for(seed, "eval", s), precision) for s in range(samples)]
         n = sum(r.answer is not None for r in rows)
@@ -674,8 +677,9 @@ def generate_answers(model, rows, tok, batch_size, max_new_tokens=None, temperat
 def evaluate_run(r: Run, state: dict, tag: str) -> dict:
     """Evaluate on rank 0 and log it; every rank returns rank 0's result."""
     res = {}
-    # --fsdp: every rank takes part in the gather
-    model = gathered_decoder(r.raw, r.args.fsdp, r.args.precision) if r.eval_rows else None
+    # --fsdp: every rank takes part in the gather; the copy keeps fp32 for the validation loss
+    model = (gathered_decoder(r.raw, r.args.fsdp, r.args.precision, scores=True)
+             if r.eval_rows else None)
     if r.eval_rows and r.rank == 0:
         a = r.args
         new = a.eval_max_new_tokens or new_token_cap(r.eval_rows, r.raw.config.block_size)

@@ -245,10 +245,12 @@ def checked_weight(t: torch.Tensor, name: str, file) -> torch.Tensor:
 
 
 def available_memory(device) -> int:
-    """Bytes free for a new model on device: MemAvailable on a CPU, the free memory on CUDA."""
+    """Bytes free for a new model on device: MemAvailable on a CPU; on CUDA the free memory plus
+    what torch's allocator holds unused (what sharding freed stays cached there)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
@@ -262,6 +264,17 @@ def check_memory(need: int, what: str, device, fix: str):
     if need > have:
         raise ValueError(f"{what}: needs {need / 2 ** 30:.3g} GiB, more than the "
                          f"{have / 2 ** 30:.3g} GiB free on {device} ({fix})")
+
+
+def check_loading(need: int, what: str, device):
+    """Loading builds the whole state (`need` bytes) in host memory, in every process on this
+    machine at once (torchrun's LOCAL_WORLD_SIZE, started together), then moves it to device."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    each = f" in each of the {local} processes on this machine" if local > 1 else ""
+    fewer = ", or start fewer processes per machine" if local > 1 else ""
+    check_memory(need * local, what + each, "cpu", "load it on a larger machine" + fewer)
+    if torch.device(device).type != "cpu":
+        check_memory(need, what, device, "load it on a larger machine")
 
 
 def check_finite(step: int, terms: dict, norm: torch.Tensor):
@@ -318,12 +331,21 @@ def check_flags(parser, args, pair_data: bool):
 
 def check_model(args, raw, max_len: int):
     """What a checkpoint and the flags must agree on (after its vocabulary: check_vocab)."""
-    if args.init != "scratch":  # loaded: gradients and AdamW's two moments are still to come
-        check_memory(12 * raw.num_params(), f"--init {args.init}: training its "
-                     f"{raw.num_params():,} parameters", raw.device, "train a smaller model")
     if max_len > raw.config.block_size:
         raise ValueError(f"--max-len {max_len}: longer than the model's context of "
                          f"{raw.config.block_size} tokens (at most {raw.config.block_size})")
+
+
+def check_training_memory(args, raw, world: int):
+    """Gradients and AdamW's two moments (fp32: 12 bytes per parameter) are still to come, on
+    each rank: under --fsdp its shard of them, 1/world, checked after sharding (which freed the
+    rest of the whole model that loading put on every rank)."""
+    n = raw.num_params()  # a sharded parameter counts its whole size
+    share = world if args.fsdp else 1
+    what = f"--init {args.init}: training its {n:,} parameters" + (
+        f" under --fsdp, this rank's 1/{world} of them" if args.fsdp else "")
+    more = ", or shard it over more processes" if args.fsdp else ""
+    check_memory(12 * -(-n // share), what, raw.device, "train a smaller model" + more)
 
 
 def check_plan(args, n_rows: int, world: int, per_epoch: int):

@@ -8,6 +8,17 @@ import contextlib
 import torch
 import torch.nn as nn
 
+
+def allow_tf32(device):
+    """On CUDA, fp32 matmuls and convolutions (the validation loss, --precision fp32) in TF32 on
+    the tensor cores: a 10-bit mantissa for the products, fp32 for the sums. Set when a run
+    starts on CUDA, never on a CPU (these are CUDA's switches only)."""
+    if torch.device(device).type == "cuda":  # the flags of every torch >= 2.6 (not the newer
+        # fp32_precision ones: set, they make any later read of these flags raise)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast(device, precision="auto"):
     """bf16 autocast on CUDA and plain fp32 elsewhere ("auto"), or the precision asked for: bf16
     halves a CPU training step where the CPU has bf16 instructions (avx512_bf16, AMX)."""

@@ -5,7 +5,8 @@ exists only so that several can share the work.
 - setup: rank, world size and device from torchrun's environment (gloo on CPUs, NCCL on GPUs).
 - wrap: DDP, or FSDP2 sharding (--fsdp), and torch.compile.
 - accumulate: one micro-batch's forward and backward, the gradient reduced once per step.
-- the gathered decoder: under --fsdp, a whole copy of the model that decodes on its own.
+- the gathered decoder: under --fsdp, a whole copy of the model that decodes on its own (and
+  scores evaluation's fp32 loss first).
 - collectives the loop needs: sums, rank 0's value everywhere, the offline rows of every rank,
   the whole state dict for a checkpoint and its shards on resume.
 """
@@ -60,12 +61,18 @@ def wrap(raw, device, world: int, fsdp: bool, precision: str, compile: bool):
     return torch.compile(model) if compile else model
 
 
+def bf16_weights(device, precision) -> bool:
+    """Whether --fsdp computes from bf16 copies of the weights (MixedPrecisionPolicy), and its
+    gathered decoder decodes on bf16 weights: on CUDA, unless --precision fp32."""
+    return device.type == "cuda" and precision != "fp32"
+
+
 def shard(model, device, precision):
     """--fsdp (FSDP2): each block, then the root (embeddings, final norm, head), sharded over the
     processes, so parameters, gradients and AdamW's moments each take 1/world per rank; a block's
     weights are gathered for its forward and backward only. On CUDA the forward and backward
     compute in bf16 from fp32 master weights, and gradients are reduced in fp32."""
-    bf16 = device.type == "cuda" and precision != "fp32"
+    bf16 = bf16_weights(device, precision)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                               reduce_dtype=torch.float32)
     for block in model.h:
@@ -121,14 +128,17 @@ def barrier(world: int):
         dist.barrier()
 
 
-def gathered_decoder(raw, fsdp: bool, precision: str):
+def gathered_decoder(raw, fsdp: bool, precision: str, scores: bool = False):
     """The model that decodes (offline sets, SCS, evaluation): raw itself, or under --fsdp a full
     copy gathered on every rank. A sharded forward is a collective, and ranks decode different
-    batches whose rows stop at different lengths: with shards they would wait on each other."""
+    batches whose rows stop at different lengths: with shards they would wait on each other.
+    scores: the copy keeps fp32 weights (evaluation's fp32 validation loss) until for_decoding
+    casts it in place, where it would decode in bf16."""
     if not fsdp:
         return raw
     full = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True))
-    if raw.device.type == "cuda" and precision != "fp32":  # as FSDP computes: bf16
+    bf16 = bf16_weights(raw.device, precision)  # as FSDP computes
+    if bf16 and not scores:
         full = {k: v.to(torch.bfloat16) for k, v in full.items()}  # half the copy's memory
     with torch.device("meta"):
         copy = type(raw)(raw.config)
@@ -138,7 +148,19 @@ def gathered_decoder(raw, fsdp: bool, precision: str):
         copy.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
     if copy.config.tie_embeddings:
         copy.lm_head.weight = copy.wte.weight
+    copy.decodes_in = torch.bfloat16 if bf16 and scores else None
     return copy.train(raw.training)
+
+
+def for_decoding(model):
+    """model, ready to decode: a gathered copy kept in fp32 for its loss (gathered_decoder's
+    scores) is cast to bf16 in place, halving its memory; any other model is left as it is."""
+    dtype = getattr(model, "decodes_in", None)
+    if dtype is not None:
+        for p in model.parameters():  # not the buffers: the rotary tables stay fp32, as raw's
+            p.data = p.data.to(dtype)
+        model.decodes_in = None
+    return model
 
 
 def whole_state(raw, opt, fsdp: bool):

@@ -211,10 +211,11 @@ def load_train_state(ckpt: Path, opt, record, plan: dict, load_optimizer=None) -
     state (step, iteration, offline set of `record`s, its statistics). plan: what the fields
     must fit, {"steps", "iterations", "rows", "vocab"}. load_optimizer(state): how the optimizer
     takes its saved state when not opt.load_state_dict (a sharded run's, which checks it). The
-    file is memory-mapped: processes on one machine share its pages."""
+    file is memory-mapped: processes on one machine share its pages. Read onto the CPU: rank 0
+    saved it from cuda:0, and the optimizer moves each state to its parameter's device."""
     path = inside(ckpt, "train_state.pt")
     try:
-        saved = torch.load(path, weights_only=True, mmap=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
         # torch's message advises weights_only=False, the unsafe option: not quoted
         what = str(e).split("\n")[0].split(". ")[0].removesuffix(".")

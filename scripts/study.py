@@ -308,7 +308,8 @@ def continue_from(init: Path, data: dict, out: Path, method, seed, settings, eva
     res, _ = train.run(train.get_args(argv))
     res = {k: v for k, v in res.items() if k != "sample"}
     if method == "rac" and data.get("form") in BUILTIN_FORMS:  # the set it trained on
-        saved = torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)
+        saved = torch.load(out / "checkpoint" / "train_state.pt", map_location="cpu",
+                           weights_only=True)
         res.update(label_precision(data["form"], load_tokenizer(init), saved["offline"]))
     write_atomic(done, json.dumps({"key": key, "result": res}))
     return res
