@@ -151,6 +151,11 @@ def save_checkpoint(write_model, opt, state, out: Path, tokenizer=None, run_info
     step and the log's size are added); opt_state: the optimizer's state when it is not
     opt.state_dict() (a sharded run's, gathered whole). An --overwrite run's first checkpoint
     replaces the old run (commit_overwrite)."""
+    with signals_held():
+        write_checkpoint(write_model, opt, state, out, tokenizer, run_info, opt_state)
+
+
+def write_checkpoint(write_model, opt, state, out: Path, tokenizer, run_info, opt_state):
     where = write_dir(out)
     tmp, final, old = (no_link(where / n) for n in ("checkpoint.tmp", "checkpoint",
                                                      "checkpoint.old"))
@@ -519,9 +524,30 @@ class Interrupted(BaseException):
         self.signum, self.line = signum, None
 
 
+HELD = {"depth": 0, "signum": None}  # signals_held's state: blocks open, a signal waiting
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT / SIGTERM arriving inside the block wait until it ends, then interrupt: a
+    checkpoint being written is finished first (raised inside torch.save, the exception would
+    surface as a RuntimeError and the checkpoint.tmp be left half-written)."""
+    HELD["depth"] += 1
+    try:
+        yield
+    finally:
+        HELD["depth"] -= 1
+    if not HELD["depth"] and HELD["signum"] is not None:
+        signum, HELD["signum"] = HELD["signum"], None
+        raise Interrupted(signum)
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     def stop(signum, frame):
+        if HELD["depth"]:
+            HELD["signum"] = signum
+            return
         raise Interrupted(signum)
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

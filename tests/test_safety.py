@@ -912,3 +912,24 @@ def test_preference_methods_train_in_bf16_on_a_cpu(train_file, tmp_path, method)
     train.main([*args_for(path, tmp_path / "out", "--method", method, "--iter-epochs", 1),
                 "--precision", "bf16"])
     assert (tmp_path / "out" / "checkpoint" / "train_state.pt").exists()
+
+
+def test_a_signal_during_a_checkpoint_write_waits_for_it(tmp_path):
+    """SIGTERM arriving while a checkpoint is written (here: from inside the model's write) lets
+    the write finish, the checkpoint whole, then interrupts; raised inside torch.save it would
+    surface as a RuntimeError with checkpoint.tmp half-written."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+
+    def write_model(folder):
+        os.kill(os.getpid(), signal.SIGTERM)
+        (folder / "model.safetensors").write_bytes(b"weights")
+
+    with pytest.raises(runs.Interrupted) as e:
+        with runs.stop_on_signals():
+            runs.save_checkpoint(write_model, opt, {"step": 3}, tmp_path, None, {"settings": {}})
+    assert e.value.signum == signal.SIGTERM
+    assert json.loads((tmp_path / "checkpoint" / "run.json").read_text())["step"] == 3
+    assert (tmp_path / "checkpoint" / "train_state.pt").exists()
+    assert not (tmp_path / "checkpoint.tmp").exists()
+    assert runs.HELD == {"depth": 0, "signum": None}
