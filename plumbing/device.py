@@ -1,5 +1,5 @@
-"""Running on the device at hand: the precision (bf16 autocast), how many rows a decode batch
-may hold, and Linear weights packed for a CPU. A reader of the paper can skip this file: it
+"""Running on the device at hand: the precision (bf16 autocast), copies to the device that do not
+make the host wait, how many rows a decode batch may hold, and Linear weights packed for a CPU. A reader of the paper can skip this file: it
 changes how fast and in how much memory the code runs, never what it computes (measured gains:
 docs/benchmarks.md).
 """
@@ -7,6 +7,9 @@ import contextlib
 
 import torch
 import torch.nn as nn
+
+from plumbing.sync_counter import staging
+
 
 def autocast(device, precision="auto"):
     """bf16 autocast on CUDA and plain fp32 elsewhere ("auto"), or the precision asked for: bf16
@@ -22,6 +25,16 @@ def compute_dtype(model) -> torch.dtype:
     if torch.is_autocast_enabled(model.device.type):
         return torch.get_autocast_dtype(model.device.type)
     return model.dtype
+
+
+def to_device(data, device, dtype=torch.long) -> torch.Tensor:
+    """A tensor of Python data (numbers, or equal-length lists of them) on `device`, without a
+    host sync: on CUDA it is built in pinned memory and copied asynchronously (a copy from
+    pageable memory makes the host wait for the GPU); on a CPU it is the tensor itself."""
+    device = torch.device(device)
+    with staging():  # plumbing/sync_counter.py: a staged copy, not a sync
+        host = torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
 
 
 # bytes that a chunk of RAC's labelling pass may take, and decode_rows' default budget for a

@@ -1,0 +1,86 @@
+"""Training ready for a GPU, checked on the CPU (issue 32): host syncs counted by
+plumbing/sync_counter.py's SyncCounter with the CPU standing in for the GPU.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import train  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from plumbing.sync_counter import SyncCounter  # noqa: E402
+
+CPU = torch.device("cpu")
+STEP_SYNCS = 1  # train_step reads its logged terms, tokens and gradient norm once
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(arch="llama", vocab_size=64, block_size=64, n_layer=1, n_head=2,
+                         n_embd=32))
+
+
+def sft_rows():
+    rows = [data.Row([5, 6, 7], [10, 11, 12, 13, 14, 15, 16, 63], [1], None, ""),
+            data.Row([30, 31, 32, 33, 34, 35], [40, 41, 63], [1], None, "")]
+    return train.loss_rows(rows, [0, 1], None)[0]
+
+
+def bash_rows(sft):
+    """ŷ: y with its second token replaced by the model's, scored on y."""
+    return [train.TrainRow(r.prompt, r.inputs[:1] + [9] + r.inputs[2:], r.targets,
+                           [1] * len(r.targets), [False, True] + [False] * (len(r.targets) - 2))
+            for r in sft]
+
+
+def rac_rows(sft):
+    """z with two tokens corrected by z̄: only those are scored."""
+    r = sft[0]
+    z = r.inputs[:2] + [9] + r.inputs[3:5] + [8] + r.inputs[6:]
+    return [train.TrainRow(r.prompt, z, r.targets, [int(a != b) for a, b in zip(z, r.targets)])]
+
+
+# ----------------------------------------------------------------------------------------------
+# The counter itself
+
+
+def test_the_counter_sees_each_kind_of_sync():
+    t = torch.arange(6.0)
+    with SyncCounter(CPU) as syncs:
+        t.sum().item()
+        int(t[1]), float(t[2]), bool(t[3] > 0)
+        t.tolist()
+        t.nonzero()
+        t[t > 2]
+        t.masked_select(t > 2)
+        torch.tensor([1, 2, 3])  # Python data for the device: a pageable copy on a GPU
+        t.new_tensor([4.0])
+        torch.tensor(2.0)  # a 0-dim scalar: CUDA kernels take it by value
+        t * 2 + t[t.long()[:2]].sum()  # no sync: arithmetic, a long index
+    assert syncs.counts == {"item": 4, "tolist": 1, "nonzero": 1, "boolean index": 1,
+                            "masked_select": 1, "host data for the device": 2}, syncs.counts
+    assert "tolist" not in torch.Tensor.__dict__  # its wrapper is gone again
+
+
+def test_the_counter_sees_pageable_copies_and_not_staged_ones():
+    from plumbing.device import to_device
+    t = torch.arange(4)
+    with SyncCounter("meta") as syncs:  # meta stands for a device: a copy there is a real one
+        t.to("meta")
+        to_device([1, 2], "meta")  # unpinned off CUDA, so counted too
+    assert syncs.counts == {"pageable host-to-device copy": 2}, syncs.counts
+    with SyncCounter(CPU) as syncs:
+        x = to_device([[1, 2], [3, 4]], CPU)
+    assert syncs.total == 0 and x.tolist() == [[1, 2], [3, 4]]
