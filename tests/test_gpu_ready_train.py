@@ -1,6 +1,8 @@
-"""Training ready for a GPU, checked on the CPU (issue 32): host syncs counted by
+"""Training ready for a GPU, checked on the CPU (issue 32, item 7): host syncs. A micro-batch's
+forward and backward make none, an optimizer step one (its logged numbers, read once), counted by
 plumbing/sync_counter.py's SyncCounter with the CPU standing in for the GPU.
 """
+import json
 import sys
 from pathlib import Path
 
@@ -84,3 +86,72 @@ def test_the_counter_sees_pageable_copies_and_not_staged_ones():
     with SyncCounter(CPU) as syncs:
         x = to_device([[1, 2], [3, 4]], CPU)
     assert syncs.total == 0 and x.tolist() == [[1, 2], [3, 4]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 7: no host sync in a micro-batch, one per optimizer step
+
+
+@pytest.mark.parametrize("method", ["bash", "rac"])
+def test_a_micro_batch_makes_no_host_sync(method):
+    """step_loss's forward and backward over SFT rows and BASH (or RAC) rows: the scored
+    positions come from the rows on the host, the batch reaches the device by a staged copy."""
+    model, sft = tiny_gpt(), sft_rows()
+    own = bash_rows(sft) if method == "bash" else rac_rows(sft)
+    with SyncCounter(CPU) as syncs:
+        terms, _ = train.step_loss(model, sft, own, 11, 0.0, CPU)
+        terms.sum().backward()
+    assert syncs.total == 0, f"a micro-batch made host syncs: {dict(syncs.counts)}"
+    assert terms[0] > 0 and terms[1] > 0 and model.wte.weight.grad.abs().sum() > 0
+
+
+def test_a_dpo_micro_batch_makes_no_host_sync():
+    model, sft = tiny_gpt(), sft_rows()
+    pairs = [train.PairRow(r.prompt, r.targets, b.inputs, -3.0, -4.0)
+             for r, b in zip(sft, bash_rows(sft))]
+    with SyncCounter(CPU) as syncs:
+        loss, logged, _ = train.pair_loss(model, pairs, 2, 0.1, CPU)
+        loss.backward()
+    assert syncs.total == 0, f"a DPO micro-batch made host syncs: {dict(syncs.counts)}"
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A started tiny run: 16 rows, global batches of 8 in micro-batches of 4."""
+    rows = data.builtin_task(16, seed=0, terms=(2, 4))
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n"
+                            for e in rows))
+    args = ["--init", "scratch", "--task", "arith", "--n-layer", "1", "--n-head", "2",
+            "--n-embd", "32", "--block-size", "64", "--device", "cpu", "--data", str(path),
+            "--out", str(tmp_path / "out"), "--batch-size", "8", "--micro-batch-size", "4"]
+
+    def start(*extra):
+        r = train.start(train.get_args([*args, *extra]))
+        opened.append(r)
+        return r
+    opened = []
+    yield start
+    for r in opened:
+        train.release_out(r.out, r.lock, r.made)
+
+
+def offline_rac(r):
+    """RAC rows by hand for every row: z with one token changed (scored there); every third row
+    has nothing corrected, so the micro-batches hold different numbers of rows."""
+    out = []
+    for i, row in enumerate(r.rows):
+        z = row.response[:1] + [(row.response[1] + 1) % 200] + row.response[2:]
+        mask = [0] * len(z) if i % 3 == 0 else [int(a != b) for a, b in zip(z, row.response)]
+        out.append(train.TrainRow(row.prompt, z, row.response, mask))
+    return out
+
+
+def test_an_optimizer_step_makes_one_host_sync(run):
+    r = run("--method", "rac")
+    for step, (offline, method) in enumerate([(None, "sft"), (offline_rac(r), "rac")]):
+        with SyncCounter(CPU) as syncs:
+            terms, tokens, _ = train.train_step(r, step, list(range(8)), offline,
+                                                train.METHODS[method])
+        assert syncs.total <= STEP_SYNCS, f"{method}: {dict(syncs.counts)}"
+        assert tokens > 0 and all(v > 0 for v in terms.values()), terms
