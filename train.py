@@ -813,7 +813,8 @@ def get_args(argv=None):
     g.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                    help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=non_negative_int, default=0)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each block for training (the loss and decoding stay eager)")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
     g.add_argument("--activation-checkpointing", action="store_true",

@@ -1,6 +1,12 @@
-"""Training ready for a GPU, checked on the CPU (issue 32, item 7): host syncs. A micro-batch's
-forward and backward make none, an optimizer step one (its logged numbers, read once), counted by
-plumbing/sync_counter.py's SyncCounter with the CPU standing in for the GPU.
+"""Training ready for a GPU, checked on the CPU (issue 32, items 7 and 8):
+
+- host syncs: a micro-batch's forward and backward make none, an optimizer step one (its logged
+  numbers, read once), counted by plumbing/sync_counter.py's SyncCounter with the CPU standing in
+  for the GPU;
+- --compile: the blocks compiled once for every micro-batch shape; the chunked loss, whose number
+  of chunks changes with the scored tokens, stays eager: no graph breaks and no new graphs after
+  the first step (torch's dynamo counters, with the aot_eager backend: inductor's C++ compiles
+  would take minutes on 2 cores, and the graphs, breaks and recompiles are dynamo's either way).
 """
 import json
 import sys
@@ -10,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 import data  # noqa: E402
 import train  # noqa: E402
@@ -155,3 +162,62 @@ def test_an_optimizer_step_makes_one_host_sync(run):
                                                 train.METHODS[method])
         assert syncs.total <= STEP_SYNCS, f"{method}: {dict(syncs.counts)}"
         assert tokens > 0 and all(v > 0 for v in terms.values()), terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 8: --compile, one set of graphs for a run whose shapes and loss chunks vary
+
+
+def test_compile_makes_no_new_graph_after_the_first_step(run, monkeypatch):
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: real(f, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setattr("model.LOGIT_BYTES", 4 * 257 * 4)  # chunks of 4 scored tokens
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        r = run("--method", "rac", "--compile")
+        offline = offline_rac(r)
+        batches = [list(range(k, k + 8)) for k in (0, 8, 3, 5, 1)]  # other lengths, other rows
+        chunks, graphs = set(), []
+        for step, idx in enumerate(batches):
+            mine = [i for i in idx if any(offline[i].mask)]
+            chunks.add(-(-sum(len(r.rows[i].response) for i in idx) // 4)
+                       + -(-sum(sum(offline[i].mask) for i in mine) // 4))
+            terms, _, _ = train.train_step(r, step, idx, offline, train.METHODS["rac"])
+            assert all(torch.isfinite(torch.tensor(list(terms.values()))))
+            graphs.append(counters["stats"]["unique_graphs"])
+        breaks = dict(counters["graph_break"])
+        limits = [k for k in counters["unimplemented"] if "recompile" in k.lower()]
+    finally:
+        torch._dynamo.reset()
+    assert len(chunks) > 1, "the loss chunks did not vary: the test is not sharp"
+    assert graphs[0] >= 1, "nothing was compiled"
+    assert (graphs, sum(breaks.values()), limits) == ([graphs[0]] * len(batches), 0, []), \
+        f"graphs after each step {graphs}; graph breaks {breaks}; limits hit {limits}"
+
+
+def test_compiled_blocks_train_as_eager_and_decode_eager(monkeypatch):
+    """Compiled blocks give eager's loss and gradients (aot_eager: the same kernels), and a
+    forward with a KV cache (decoding) or without gradients never enters the compiled code."""
+    from plumbing.device import compile_blocks
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: real(f, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        eager, compiled = tiny_gpt(), tiny_gpt()
+        compile_blocks(compiled)
+        sft = sft_rows()
+        for model in (eager, compiled):
+            terms, _ = train.step_loss(model, sft, bash_rows(sft), 11, 0.0, CPU)
+            terms.sum().backward()
+        torch.testing.assert_close(compiled.wte.weight.grad, eager.wte.weight.grad)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        from generate import generate
+        with torch.no_grad():
+            assert generate(compiled, [[5, 6, 7]], 4) == generate(eager, [[5, 6, 7]], 4)
+            compiled(torch.tensor([[1, 2, 3]]))
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
