@@ -20,6 +20,7 @@ import torch
 
 from plumbing.chat_templates import render_chat
 from plumbing.checks import json_object, parse_json, regular_lines
+from plumbing.device import to_device
 from plumbing.tokenizer import Tokenizer, with_bos
 
 
@@ -161,7 +162,8 @@ def encode_pairs(examples: list[Example], tok: Tokenizer, task: str, max_len: in
 def collate(prompts: list[list[int]], inputs: list[list[int]], targets: list[list[int]],
             pad_id: int, masks: list[list[int]] | None = None, device="cpu"
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (x, y, mask), B x T, no packing (appendix A.2), on `device`.
+    """Right-padded (x, y, mask), B x T, no packing (appendix A.2), on `device` (copied from
+    pinned memory on CUDA: plumbing/device.to_device).
 
     Row i reads x = prompt + inputs[:-1]; position P-1+j predicts targets[j].
     SFT: inputs = targets = y. BASH: inputs = mixed ŷ, targets = y.
@@ -178,14 +180,10 @@ def collate(prompts: list[list[int]], inputs: list[list[int]], targets: list[lis
             f"row {i}: mask ({len(m)}) and targets ({len(tgt)}) differ in length"
         rows.append((p + inp[:-1], [pad_id] * (len(p) - 1) + tgt, [0] * (len(p) - 1) + list(m)))
     T = max(len(x) for x, _, _ in rows)
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.float)
-    for i, (xi, yi, mi) in enumerate(rows):
-        x[i, :len(xi)] = torch.tensor(xi)
-        y[i, :len(yi)] = torch.tensor(yi)
-        mask[i, :len(mi)] = torch.tensor(mi, dtype=torch.float)
-    return x.to(device), y.to(device), mask.to(device)
+    x, y, m = ([r[k] + [fill] * (T - len(r[k])) for r in rows] for k, fill in
+               enumerate((pad_id, pad_id, 0)))
+    xy = to_device([x, y], device)
+    return xy[0], xy[1], to_device(m, device, torch.float)
 
 
 # -----------------------------------------------------------------------------

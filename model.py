@@ -305,13 +305,13 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, noise_alpha=0.0):
+    def forward(self, idx, targets=None, noise_alpha=0.0, at=None):
         """Training and scoring. idx (B, T) token ids -> logits (B, T, vocab); or, given targets
         (B, T), -log p(target) in fp32 at each position whose target is not IGNORE, flattened row
-        by row (N,), from chunked_nll (no full logits are made). noise_alpha: NEFTune's
-        embedding noise."""
+        by row (N,), from chunked_nll (no full logits are made); `at`: those positions' flat
+        indices, if known. noise_alpha: NEFTune's embedding noise."""
         h = self.hidden(idx, noise_alpha=noise_alpha)
-        return self.lm_head(h) if targets is None else chunked_nll(self.lm_head, h, targets)
+        return self.lm_head(h) if targets is None else chunked_nll(self.lm_head, h, targets, at=at)
 
     def hidden(self, idx, pos=None, mask=None, cache=None, noise_alpha=0.0):
         """The final normalised hidden states (B, T, d); logits are lm_head of them, so that a
@@ -357,17 +357,19 @@ IGNORE = -1  # a target that is not scored: prompt positions, padding, RAC's agr
 LOGIT_BYTES = 1 << 28
 
 
-def chunked_nll(head, hidden, targets, chunk=None):
+def chunked_nll(head, hidden, targets, chunk=None, at=None):
     """-log p(target) in fp32 at each position of hidden (B, T, d) whose target (B, T) is not
     IGNORE, flattened row by row. Only those positions reach the head: exact, since a position's
-    logits depend on its own hidden state alone.
+    logits depend on its own hidden state alone. at: their flat indices (train.step_loss knows
+    them from the rows); found here otherwise, which makes the host wait for a GPU.
 
     The technique of Liger Kernel's fused linear cross-entropy, in plain PyTorch: the logits of
     `chunk` positions at a time (default: LOGIT_BYTES of fp32 logits) are made, reduced to their
     losses and dropped; backward recomputes them chunk by chunk (checkpoint), so the logits of the
     whole micro-batch never exist, forward or backward. The cost: the head's matmul runs once more.
     """
-    at = (targets != IGNORE).flatten().nonzero().squeeze(1)
+    if at is None:
+        at = (targets != IGNORE).flatten().nonzero().squeeze(1)
     hidden, targets = hidden.flatten(0, 1)[at], targets.flatten()[at]
     chunk = chunk or max(1, LOGIT_BYTES // (4 * head.weight.shape[0]))
     train = torch.is_grad_enabled()

@@ -35,7 +35,7 @@ from model import GPT, IGNORE, checked_config, from_pretrained, save_pretrained
 from plumbing.checks import (EXPECTED, check_finite, check_flags, check_memory, check_model,
                              check_plan, check_training_memory, device_name, error_line, fraction,
                              non_negative_float, non_negative_int, positive_float, positive_int)
-from plumbing.device import allow_tf32, autocast, fitting_batch, packed_linears
+from plumbing.device import allow_tf32, autocast, fitting_batch, packed_linears, to_device
 from plumbing.distributed import (accumulate, all_reduce, barrier, finish, for_decoding,
                                   from_rank0, gathered_decoder, grad_norm, is_rank0,
                                   load_whole_state, merged, setup, whole_state, wrap)
@@ -180,16 +180,19 @@ def train_step(r: Run, step: int, idx: list[int], offline, m: Method):
     sums = torch.zeros(len(m.logged) + 1, device=r.raw.device)  # the logged terms, tokens read
     for j, part in enumerate(parts):  # forward and backward, micro-batch by micro-batch
         logged, tokens = accumulate(r.model, part, r.world, r.args.fsdp, j == len(parts) - 1)
-        sums += torch.cat([logged, logged.new_tensor([tokens])])
+        sums += torch.cat([logged, logged.new_full((1,), tokens)])
     all_reduce(sums, r.world)
     params = list(r.raw.parameters())
     norm, whole = grad_norm(params)
-    check_finite(step, dict(zip(m.logged, sums[:-1])), whole)  # never step on NaN or inf
+    # the step's one host sync: its logged terms, tokens read and gradient norm, read together
+    *values, tokens, total = torch.cat([sums, whole.reshape(1).to(sums.dtype)]).tolist()
+    terms = dict(zip(m.logged, values))
+    check_finite(step, terms, total)  # never step on NaN or inf
     if r.args.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, r.args.grad_clip, norm)
     r.opt.step()
     r.opt.zero_grad(set_to_none=True)
-    return dict(zip(m.logged, sums[:-1].tolist())), int(sums[-1]), lr
+    return terms, int(tokens), lr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,10 +252,13 @@ def step_loss(model, sft, own, denom, noise_alpha, device, precision="auto"):
     x, y, mask = collate([r.prompt for r in items], [r.inputs for r in items],
                          [r.targets for r in items], pad_id=0, masks=[r.mask for r in items],
                          device=device)
+    # the scored positions' flat indices, known on the host from the rows: no sync finds them
+    at = to_device([i * x.shape[1] + len(r.prompt) - 1 + j for i, r in enumerate(items)
+                    for j, v in enumerate(r.mask) if v], device)
     with autocast(device, precision):  # -log p at the scored positions only, row by row
-        nll = model(x, targets=y.masked_fill(mask == 0, IGNORE), noise_alpha=noise_alpha)
-    weight = mask[mask != 0]
-    k = int((mask[:len(sft)] != 0).sum())  # the SFT rows come first
+        nll = model(x, targets=y.masked_fill(mask == 0, IGNORE), noise_alpha=noise_alpha, at=at)
+    weight = mask.flatten()[at]
+    k = sum(map(bool, (v for r in sft for v in r.mask)))  # the SFT rows come first
     j_sft = (nll[:k] * weight[:k]).sum() / denom  # Eq. 1
     j_method = (nll[k:] * weight[k:]).sum() / denom  # Eq. 5 (BASH) / Eq. 7 (RAC): zero if none
     return torch.stack([j_sft, j_method]), sum(len(r.prompt) + len(r.inputs) - 1 for r in items)
@@ -445,10 +451,12 @@ def sequence_logps(model, prompts, responses, device, precision="auto"):
     teacher-forced forward (collate's mask leaves out the prompt and the padding). Returns the
     (n,) log-probs and the number of tokens read."""
     x, y, mask = collate(prompts, responses, responses, pad_id=0, device=device)
+    # each response position's flat index and row, known on the host
+    at, rows = to_device([[i * x.shape[1] + len(p) - 1 + j, i] for i, (p, r)
+                          in enumerate(zip(prompts, responses)) for j in range(len(r))], device).T
     with autocast(device, precision):  # the response positions, row by row
-        nll = model(x, targets=y.masked_fill(mask == 0, IGNORE))
+        nll = model(x, targets=y.masked_fill(mask == 0, IGNORE), at=at)
     tokens = sum(len(p) + len(r) - 1 for p, r in zip(prompts, responses))
-    rows = mask.nonzero()[:, 0]
     return -nll.new_zeros(len(prompts)).index_add(0, rows, nll), tokens
 
 
@@ -470,7 +478,7 @@ def pair_loss(model, pairs, n_pairs, beta, device, precision="auto"):
     logp, tokens = sequence_logps(model, [p.prompt for p in pairs] * 2,
                                   [p.chosen for p in pairs] + [p.rejected for p in pairs], device,
                                   precision)
-    ref = logp.new_tensor([[p.ref_chosen, p.ref_rejected] for p in pairs])
+    ref = to_device([[p.ref_chosen, p.ref_rejected] for p in pairs], device, logp.dtype)
     losses, rewards = dpo_loss(torch.stack([logp[:n], logp[n:]], dim=1), ref, beta)
     margin = (rewards[:, 0] - rewards[:, 1]).detach()
     loss = losses.sum() / n_pairs
@@ -809,7 +817,8 @@ def get_args(argv=None):
     g.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                    help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=non_negative_int, default=0)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each block for training (the loss and decoding stay eager)")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
     g.add_argument("--activation-checkpointing", action="store_true",

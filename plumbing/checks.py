@@ -277,11 +277,11 @@ def check_loading(need: int, what: str, device):
         check_memory(need, what, device, "load it on a larger machine")
 
 
-def check_finite(step: int, terms: dict, norm: torch.Tensor):
-    """Stop before an update whose loss terms or gradient norm are NaN or infinite."""
-    values = torch.stack([*terms.values(), norm])
-    if not torch.isfinite(values).all():
-        shown = ", ".join(f"{n} {v:.4g}" for n, v in zip(terms, values.tolist()))
+def check_finite(step: int, terms: dict, norm: float):
+    """Stop before an update whose loss terms or gradient norm are NaN or infinite (numbers read
+    from the device once per step, by train_step)."""
+    if not all(math.isfinite(v) for v in [*terms.values(), norm]):
+        shown = ", ".join(f"{n} {v:.4g}" for n, v in terms.items())
         raise ValueError(f"step {step + 1}: the loss ({shown}) or the gradient norm ({norm:.4g}) "
                          "is not finite; stopped before the update, the last checkpoint is kept "
                          "(lower --lr, or check the data)")

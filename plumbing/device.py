@@ -1,12 +1,16 @@
-"""Running on the device at hand: the precision (bf16 autocast), how many rows a decode batch
+"""Running on the device at hand: the precision (bf16 autocast), copies to the device that do not
+make the host wait, the blocks compiled for training (--compile), how many rows a decode batch
 may hold, and Linear weights packed for a CPU. A reader of the paper can skip this file: it
 changes how fast and in how much memory the code runs, never what it computes (measured gains:
 docs/benchmarks.md).
 """
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
+
+from plumbing.sync_counter import staging
 
 
 def allow_tf32(device):
@@ -33,6 +37,32 @@ def compute_dtype(model) -> torch.dtype:
     if torch.is_autocast_enabled(model.device.type):
         return torch.get_autocast_dtype(model.device.type)
     return model.dtype
+
+
+def to_device(data, device, dtype=torch.long) -> torch.Tensor:
+    """A tensor of Python data (numbers, or equal-length lists of them) on `device`, without a
+    host sync: on CUDA it is built in pinned memory and copied asynchronously (a copy from
+    pageable memory makes the host wait for the GPU); on a CPU it is the tensor itself."""
+    device = torch.device(device)
+    with staging():  # plumbing/sync_counter.py: a staged copy, not a sync
+        host = torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+def compile_blocks(model):
+    """--compile: each block's training forward compiled once for every batch size and length
+    (dynamic shapes; torch still makes one more graph the first time a micro-batch of one row
+    comes). The embeddings, the head and its chunked loss (model.chunked_nll, whose number of
+    chunks changes with the scored tokens) stay eager, and so does every forward with a KV cache
+    or a mask, or without gradients (decoding, scoring), whose shapes change at every step."""
+    for block in model.h:
+        compiled = torch.compile(block.forward, dynamic=True)
+        block.forward = functools.partial(_compiled_in_training, block.forward, compiled)
+
+
+def _compiled_in_training(eager, compiled, x, rope, mask, cache):
+    train = mask is None and cache is None and torch.is_grad_enabled()
+    return (compiled if train else eager)(x, rope, mask, cache)
 
 
 # bytes that a chunk of RAC's labelling pass may take, and decode_rows' default budget for a

@@ -22,6 +22,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from plumbing.device import compile_blocks
+
 
 def setup(device):
     """(rank, world size, device): torchrun sets RANK; gloo on CPU, NCCL on GPUs."""
@@ -47,18 +49,20 @@ def is_rank0() -> bool:
 
 
 def wrap(raw, device, world: int, fsdp: bool, precision: str, compile: bool):
-    """The module training calls: raw itself (sharded in place under --fsdp), DDP over it, and
-    torch.compile over that (--compile)."""
+    """The module training calls: raw itself (sharded in place under --fsdp) or DDP over it;
+    --compile compiles raw's blocks in place (plumbing/device.compile_blocks)."""
     if fsdp and world == 1:
         raise ValueError("--fsdp shards over torchrun's processes: run it under torchrun "
                          "--nproc_per_node=N (N > 1)")
     model = raw
+    if compile:  # before sharding, as torch's FSDP2 examples compile each block
+        compile_blocks(raw)
     if fsdp:
         shard(raw, device, precision)
     elif world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
-    return torch.compile(model) if compile else model
+    return model
 
 
 def bf16_weights(device, precision) -> bool:
