@@ -69,16 +69,16 @@ def left_pad(prompts, S, device):
     return idx, pos, real, mask[:, None]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=None):
     """The decode loop shared by generate, bash_mix and SCS.
 
     Prompts are left-padded into one batch; each row's positions start at 0 at its first real
     token, and a mask hides the padding columns. One prefill, then one step per token for the
     whole batch: pick(t, logits) returns (tokens to feed (B,), done (B,) bool). logits are
-    (B, vocab), or only the rows that need_logits(t), a (B,) bool mask, selects: the head is not
-    run for the other rows. Stops after `steps` steps or when every row is done. Returns the fed
-    tokens, (B, steps run).
+    (B, vocab), or only those of the rows need_logits(t) lists (indices): the head is not run for
+    the others. Stops after `steps` steps or when every row is done (the step's one wait on the
+    device), in the caller's precision (autocast). Returns the fed tokens, (B, steps run).
     """
     assert prompts and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
     device = model.device
@@ -90,7 +90,7 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=N
     idx, pos, real, mask = left_pad(prompts, S, device)
     out = torch.zeros(B, steps, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    with autocast(device), packed_linears(model, B):  # the packing: CPU speed only
+    with packed_linears(model, B):  # the packing: CPU speed only
         cache = KVCache(model.config, B, S, device, compute_dtype(model))
         h = model.hidden(idx, pos=pos[:, :P], mask=mask, cache=cache)[:, -1]  # the prefill
         for t in range(steps):
@@ -146,19 +146,21 @@ def bash_mix(model, prompts, responses, beta=0.2, temperature=1.0, seed=None):
     L = int(lengths.max())
     ys = torch.tensor([y + [0] * (L - len(y)) for y in responses], device=device)
     took = torch.rand(len(prompts), L, generator=gen, device=device) < beta  # Eq. 4's coins
+    # step t's rows with took[:, t], as indices: column t of rows, its first counts[t] entries
+    counts, rows = took.sum(0).tolist(), (~took).byte().sort(dim=0, stable=True)[1]
 
     def pick(t, logits):  # logits of the rows with took[:, t] only: the others need no z^j
         y_hat = ys[:, t].clone()
-        y_hat[took[:, t]] = sample(logits, temperature, generator=gen)  # Eq. 4: z^j, else y^j
+        y_hat[rows[:counts[t], t]] = sample(logits, temperature, generator=gen)  # Eq. 4: z^j or y^j
         return y_hat, t >= lengths - 1
 
-    mixed = decode(model, prompts, L, pick, need_logits=lambda t: took[:, t]).tolist()
+    mixed = decode(model, prompts, L, pick, need_logits=lambda t: rows[:counts[t], t]).tolist()
     took = took.tolist()
     return ([m[:len(y)] for m, y in zip(mixed, responses)],
             [k[:len(y)] for k, y in zip(took, responses)])
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, seed=None,
                eos_id=None):
     """Reference-Answer-based Correction's data (Eq. 6): z ~ p(·|x), then
@@ -183,7 +185,7 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
     idx, pos, _, attn_mask = left_pad(seqs, T, device)
     step = label_rows(cfg, n, T)  # rows at a time, so that their logits fit in memory
     best = []
-    with autocast(device), packed_linears(model, min(step, len(seqs)) * T):
+    with packed_linears(model, min(step, len(seqs)) * T):
         for k in range(0, len(seqs), step):
             rows = slice(k, k + step)
             h = model.hidden(idx[rows], pos=pos[rows], mask=attn_mask[rows])[:, -n:]
@@ -219,9 +221,12 @@ def main(argv=None):
                    help="seed for reproducible samples")
     p.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto = bf16 on CUDA, fp32 on a CPU")
     args = p.parse_args(argv)
     try:
-        sample_command(args)
+        with autocast(torch.device(args.device), args.precision):  # what decoding computes in
+            sample_command(args)
     except EXPECTED as e:
         sys.exit(error_line(e))
 
@@ -264,8 +269,8 @@ def sample_command(args):
 
     def pick(t, logits):
         nxt = sample(logits, args.temperature, args.top_k, args.top_p, gen)
-        if nxt.item() != tok.eos_id:
-            sys.stdout.write(text.decode(tok.enc.decode_single_token_bytes(nxt.item())))
+        if (i := nxt.item()) != tok.eos_id:  # the token is printed: one wait per step anyway
+            sys.stdout.write(text.decode(tok.enc.decode_single_token_bytes(i)))
             sys.stdout.flush()
         return nxt, nxt == tok.eos_id
 

@@ -16,12 +16,17 @@ def autocast(device, precision="auto"):
     return contextlib.nullcontext()
 
 
+def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """autocast's dtype where it is on for device_type, else `default`."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return default
+
+
 def compute_dtype(model) -> torch.dtype:
     """The dtype a forward computes in: autocast's where it is on (bf16 on CUDA, or under
     --precision bf16), else the weights'. The KV cache is kept in it."""
-    if torch.is_autocast_enabled(model.device.type):
-        return torch.get_autocast_dtype(model.device.type)
-    return model.dtype
+    return autocast_dtype(model.device.type, model.dtype)
 
 
 # bytes that a chunk of RAC's labelling pass may take, and decode_rows' default budget for a

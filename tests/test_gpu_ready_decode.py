@@ -1,0 +1,213 @@
+"""Decoding ready for a GPU, checked on the CPU (issue 32, items 2, 3 and 7): no dtype round
+trips of the KV cache under bf16 autocast, the caller's precision reaching decode, at most one host
+sync per decoded token."""
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import generate as generate_module
+import plumbing.device as device_module
+from generate import bash_mix, generate, rac_labels
+from model import GPT, GPTConfig, save_pretrained
+from plumbing.device import autocast
+from test_generate import PROMPTS
+
+BF16 = torch.bfloat16
+
+
+def tiny_llama(seed=0, **kw):
+    """Grouped-query attention (4 query heads, 2 key/value heads of 8), random weights."""
+    torch.manual_seed(seed)
+    cfg = dict(arch="llama", vocab_size=128, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
+               n_embd=32)
+    return GPT(GPTConfig(**cfg | kw)).eval()
+
+
+def cpu_autocast():
+    return torch.autocast("cpu", dtype=BF16)
+
+
+class Ops(TorchDispatchMode):
+    """Every aten op under the mode, with its tensor arguments, for counting."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func.overloadpacket.__name__, args, out))
+        return out
+
+
+def dtype_copies(calls):
+    """(source shape, source dtype, result dtype) of every copy between two float dtypes: `to` /
+    `_to_copy` that made a new tensor, and copy_ across dtypes."""
+    found = []
+    for name, args, out in calls:
+        if name in ("to", "_to_copy") and isinstance(out, torch.Tensor) and out is not args[0]:
+            src = args[0]
+        elif name == "copy_":
+            src, out = args[1], args[0]
+        else:
+            continue
+        if src.dtype.is_floating_point and out.dtype != src.dtype:
+            found.append((tuple(src.shape), src.dtype, out.dtype))
+    return found
+
+
+def is_bool(t):
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+
+
+def syncs(calls):
+    """The ops that wait for the device on CUDA: a value read on the host (item, bool(tensor),
+    tolist's per-element reads), nonzero, and the boolean indexing that needs nonzero."""
+    n = 0
+    for name, args, _ in calls:
+        if name in ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select"):
+            n += 1
+        elif name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+            n += any(is_bool(i) for i in args[1] if i is not None)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# item 2: the KV cache, q, k and v in one dtype under bf16 autocast
+
+
+def test_no_cache_dtype_round_trip_under_bf16_autocast():
+    """Under bf16 autocast the cache is bf16; fp32 rotary tables made q and k fp32, so every layer
+    of every step copied the cache prefix (B, H_kv, T, D) up to fp32 and back down for SDPA.
+    Now no tensor of a prefix's shape changes dtype, and SDPA gets bf16 q, k, v."""
+    model = tiny_llama()
+    cfg, steps = model.config, 6
+    with cpu_autocast(), Ops() as ops:
+        generate(model, PROMPTS, steps)
+    prefix = [(s, a, b) for s, a, b in dtype_copies(ops.calls)
+              if len(s) == 4 and s[1] == cfg.n_kv_head and s[3] == cfg.head_dim and s[2] > 1]
+    assert prefix == [], f"{len(prefix)} cache-prefix dtype copies, e.g. {prefix[:2]}"
+    sdpa = [[a.dtype for a in args[:3]] for name, args, _ in ops.calls
+            if "scaled_dot_product" in name]
+    assert len(sdpa) == cfg.n_layer * steps  # the prefill and steps - 1 decode steps
+    assert all(d == [BF16] * 3 for d in sdpa), sdpa
+
+
+def test_each_weight_cast_once_per_autocast_context():
+    """Under inference_mode autocast's cache of bf16 weight copies is off: every Linear weight was
+    cast to bf16 again at every step (fp32 read + bf16 write + bf16 read per parameter, a few
+    times the memory traffic of a bf16 step on a GPU). decode runs under no_grad: once each."""
+    model = tiny_llama()
+    shapes = collections.Counter(tuple(m.weight.shape) for m in model.modules()
+                                 if isinstance(m, torch.nn.Linear))
+    with cpu_autocast(), Ops() as ops:
+        generate(model, PROMPTS, 6)
+        rac_labels(model, PROMPTS, PROMPTS, 4, temperature=0.0)
+    casts = collections.Counter(s for s, a, b in dtype_copies(ops.calls)
+                                if a == torch.float32 and b == BF16 and s in shapes)
+    assert casts and all(casts[s] <= n for s, n in shapes.items()), (casts, shapes)
+
+
+def test_fp32_decoding_makes_no_dtype_copy():
+    model = tiny_llama()
+    with Ops() as ops:
+        generate(model, PROMPTS, 4)
+    assert dtype_copies(ops.calls) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# item 3: decode and rac_labels follow the caller's precision
+
+
+def as_if_cuda(device, precision="auto"):
+    """plumbing.device.autocast deciding as on a CUDA device: "auto" is bf16."""
+    return autocast(device, "bf16" if precision == "auto" else precision)
+
+
+def mlp_dtypes(model):
+    """The dtype each forward computed in (the first MLP's output: its Linear layers are packed
+    on a CPU, not the MLP)."""
+    seen = []
+    model.h[0].mlp.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", BF16)])
+def test_decoding_follows_the_callers_precision(monkeypatch, precision, dtype):
+    """On CUDA decode and rac_labels entered autocast(device) themselves, so --precision fp32
+    still decoded in bf16 (shown here with autocast deciding as on CUDA)."""
+    monkeypatch.setattr(generate_module, "autocast", as_if_cuda)
+    monkeypatch.setattr(device_module, "autocast", as_if_cuda)
+    model = tiny_llama()
+    seen = mlp_dtypes(model)
+    with autocast(model.device, precision):  # what train.py's callers enter
+        generate(model, PROMPTS, 3)
+        bash_mix(model, PROMPTS, [[1, 2, 3]] * len(PROMPTS), beta=1.0, seed=0)
+        rac_labels(model, PROMPTS, PROMPTS, 3, seed=0)
+    assert len(seen) >= 3 + 3 + 3 and set(seen) == {dtype}
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", BF16)])
+def test_generate_command_takes_a_precision(byte_ckpt, monkeypatch, precision, dtype):
+    """generate.py --precision: the cache and the logits in that dtype (default auto)."""
+    made = []
+    real_decode = generate_module.decode
+
+    def spy(model, *a, **k):
+        made.append(generate_module.compute_dtype(model))
+        return real_decode(model, *a, **k)
+
+    monkeypatch.setattr(generate_module, "decode", spy)
+    path = byte_ckpt
+    generate_module.main(["--init", str(path), "--prompt", "ab", "--max-new-tokens", "3",
+                          "--num-samples", "2", "--device", "cpu", "--precision", precision])
+    assert made == [dtype]
+
+
+@pytest.fixture(scope="module")
+def byte_ckpt(tmp_path_factory):
+    """A tiny random llama with the byte tokenizer, as train.py saves it: generate.py's input."""
+    path = tmp_path_factory.mktemp("bytes")
+    save_pretrained(tiny_llama(vocab_size=257), path, {"tiktoken": "bytes"})
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# item 7: at most one host sync per decoded token
+
+
+def test_bash_mixing_syncs_once_per_token():
+    """BASH's mixing selected the rows that take z^j with a boolean mask, twice a step
+    (h[took[:, t]] and y_hat[took[:, t]] = ...), each a nonzero that waits for the device. Now
+    the rows are indices made once, and the only wait left is the end-of-text check."""
+    model = tiny_llama()
+    responses = [[3] * 9, [4] * 7, [5] * 9, [6] * 8]
+    with Ops() as ops:
+        out = bash_mix(model, PROMPTS, responses, beta=0.5, seed=0)
+    assert any(any(t) for t in out[1]) and not all(all(t) for t in out[1])
+    steps = max(map(len, responses))
+    assert syncs(ops.calls) <= steps, f"{syncs(ops.calls)} syncs for {steps} tokens"
+
+
+def test_generate_syncs_once_per_token():
+    model = tiny_llama()
+    for kwargs in (dict(), dict(temperature=1.0, top_k=5, seed=0), dict(temperature=1.0,
+                                                                            top_p=0.9, seed=0)):
+        with Ops() as ops:
+            generate(model, PROMPTS, 8, **kwargs)
+        assert syncs(ops.calls) <= 8, kwargs
+
+
+def test_bash_mix_keeps_y_where_the_coin_does_not_take():
+    """Eq. 4 with the row indices: every position whose coin did not take z^j holds y^j (the
+    bit-identical offline sets of tests/test_methods.py and the hashes check the rest)."""
+    model = tiny_llama()
+    responses = [[3] * 9, [4] * 7, [5] * 9, [6] * 8]
+    mixed, took = bash_mix(model, PROMPTS, responses, beta=0.5, seed=3)
+    for m, t, y in zip(mixed, took, responses):
+        assert len(m) == len(t) == len(y)
+        assert all(a == b for a, b, k in zip(m, y, t) if not k)  # not taken: y^j itself
+
+
