@@ -251,7 +251,7 @@ def sample_command(args):
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt's {len(ids)} tokens "
                          f"leave room for {room} in the model's context of "
                          f"{model.config.block_size} (ask for at most {room})")
-    check_memory(decode_bytes(model.config, args.num_samples, len(ids) + args.max_new_tokens),
+    check_memory(decode_bytes(model, args.num_samples, len(ids) + args.max_new_tokens),
                  f"--num-samples {args.num_samples}: decoding them as one batch", args.device,
                  "ask for fewer samples")
     prompts = [ids] * args.num_samples

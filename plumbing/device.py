@@ -29,9 +29,20 @@ def compute_dtype(model) -> torch.dtype:
     return autocast_dtype(model.device.type, model.dtype)
 
 
-# bytes that a chunk of RAC's labelling pass may take, and decode_rows' default budget for a
-# decode batch (train.py's --build-memory-gb sets that one)
+# bytes that a chunk of RAC's labelling pass may take, and a decode batch's budget on a CPU (and
+# on CUDA where --build-memory-gb is given)
 BUILD_BYTES = 1 << 30
+# on CUDA without --build-memory-gb: the share of the free device memory a decode batch may take;
+# the rest is the margin for what decode_rows does not count (allocator fragmentation, the
+# autocast copies of the weights, kernels' workspaces)
+FREE_SHARE = 0.8
+
+
+def free_memory(device) -> int:
+    """Bytes a new allocation on a CUDA device can take: the driver's free memory plus what
+    PyTorch's caching allocator holds reserved but unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def decode_rows(cfg, prompt_len: int, columns: int, itemsize: int, budget: int = BUILD_BYTES):
@@ -44,15 +55,19 @@ def decode_rows(cfg, prompt_len: int, columns: int, itemsize: int, budget: int =
     return max(1, budget // (cache + prefill + 3 * 4 * cfg.vocab_size))
 
 
-def fitting_batch(model, rows, batch_size, new_tokens, precision, gb) -> int:
+def fitting_batch(model, rows, batch_size, new_tokens, precision, gb=None) -> int:
     """Rows per decode batch: batch_size, or fewer where their KV cache (the longest prompt +
-    new_tokens columns, in the compute dtype), prefill and logits would pass `gb` GB
-    (--build-memory-gb; decode_rows). It depends on the model, the rows and the flags, not on
-    the machine."""
+    new_tokens columns, in the dtype decoding keeps it in: bf16 under autocast), prefill and
+    logits would pass the budget (decode_rows): `gb` GB (--build-memory-gb), or where it is None,
+    FREE_SHARE of the device's free memory on CUDA and BUILD_BYTES on a CPU (so that a CPU's
+    batches do not depend on the machine)."""
     P = max(len(x.prompt) for x in rows)
-    bf16 = precision == "bf16" or (precision == "auto" and model.device.type == "cuda")
+    cuda = model.device.type == "cuda"
+    bf16 = precision == "bf16" or (precision == "auto" and cuda)
     itemsize = 2 if bf16 else model.dtype.itemsize
-    return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize, int(gb * 1e9)))
+    budget = (int(gb * 1e9) if gb is not None else
+              int(FREE_SHARE * free_memory(model.device)) if cuda else BUILD_BYTES)
+    return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize, budget))
 
 
 def label_rows(cfg, labelled: int, length: int) -> int:
@@ -62,10 +77,12 @@ def label_rows(cfg, labelled: int, length: int) -> int:
     return max(1, BUILD_BYTES // per_row)
 
 
-def decode_bytes(cfg, batch: int, length: int) -> int:
-    """What decoding `batch` rows of `length` tokens allocates: the KV cache (keys and values of
-    every layer, fp32 on a CPU) plus the activations and logits of one step (a generous bound)."""
-    cache = 2 * cfg.n_layer * batch * cfg.n_kv_head * length * cfg.head_dim * 4
+def decode_bytes(model, batch: int, length: int) -> int:
+    """What decoding `batch` rows of `length` tokens with `model` allocates: the KV cache (keys
+    and values of every layer, in the compute dtype, as decode keeps it: bf16 under autocast)
+    plus the activations and logits of one step (a generous bound)."""
+    cfg, itemsize = model.config, compute_dtype(model).itemsize
+    cache = 2 * cfg.n_layer * batch * cfg.n_kv_head * length * cfg.head_dim * itemsize
     return cache + batch * (length * cfg.n_embd * 16 + cfg.vocab_size * 8)
 
 

@@ -1,7 +1,9 @@
-"""Decoding ready for a GPU, checked on the CPU (issue 32, items 2, 3 and 7): no dtype round
-trips of the KV cache under bf16 autocast, the caller's precision reaching decode, at most one host
-sync per decoded token."""
+"""Decoding ready for a GPU, checked on the CPU (issue 32, items 2, 3, 4 and 7): no dtype
+round trips of the KV cache under bf16 autocast, the caller's precision reaching decode, the decode
+batch sized from the device's free memory in the cache's real dtype, at most one host sync per
+decoded token."""
 import collections
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,9 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import generate as generate_module
 import plumbing.device as device_module
+import train
 from generate import bash_mix, generate, rac_labels
-from model import GPT, GPTConfig, save_pretrained
-from plumbing.device import autocast
+from model import GPT, GPTConfig, from_pretrained, save_pretrained
+from plumbing.device import BUILD_BYTES, autocast, decode_bytes, decode_rows, fitting_batch
 from test_generate import PROMPTS
 
 BF16 = torch.bfloat16
@@ -172,6 +175,78 @@ def byte_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("bytes")
     save_pretrained(tiny_llama(vocab_size=257), path, {"tiktoken": "bytes"})
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# item 4: the decode batch from the device's free memory, in the cache's real dtype
+
+PYTHIA_1B = GPTConfig(arch="gpt_neox", vocab_size=50304, block_size=2048, n_layer=16, n_head=8,
+                      n_embd=2048, rotary_pct=0.25)
+
+
+def gsm_rows(n=4, prompt=200):
+    return [SimpleNamespace(prompt=[1] * prompt) for _ in range(n)]
+
+
+def on(device_type, cfg=PYTHIA_1B):
+    """What fitting_batch reads of a model (config, device, weights' dtype), on any device."""
+    return SimpleNamespace(config=cfg, device=torch.device(device_type), dtype=torch.float32)
+
+
+def test_cuda_decode_batch_is_sized_from_free_memory(monkeypatch):
+    """With --build-memory-gb not given: on CUDA FREE_SHARE of the free memory (a stand-in for
+    torch.cuda.mem_get_info: 60 GB), in bf16, the cache's dtype under autocast; on a CPU the
+    1 GB of before. The old 1 GB default gave Pythia-1B 12 rows on GSM8K-length rows."""
+    free = 60e9
+    monkeypatch.setattr(device_module, "free_memory", lambda device: free)
+    P, new = 200, 300
+    cuda = fitting_batch(on("cuda"), gsm_rows(), 256, new, "auto", None)
+    assert cuda == min(256, decode_rows(PYTHIA_1B, P, P + new, 2, int(0.8 * free))) == 256
+    gb1 = fitting_batch(on("cuda"), gsm_rows(), 256, new, "auto", 1.0)  # asked for: kept
+    assert gb1 == decode_rows(PYTHIA_1B, P, P + new, 2, int(1e9)) == 12
+    most = fitting_batch(on("cuda"), gsm_rows(), 4096, new, "auto", None)
+    assert most == decode_rows(PYTHIA_1B, P, P + new, 2, int(0.8 * free)) > 256
+    fp32 = fitting_batch(on("cuda"), gsm_rows(), 4096, new, "fp32", None)  # fp32's cache
+    assert fp32 == decode_rows(PYTHIA_1B, P, P + new, 4, int(0.8 * free)) < most
+
+    def no_cuda(device):
+        raise AssertionError("a CPU's batch must not depend on the machine")
+
+    monkeypatch.setattr(device_module, "free_memory", no_cuda)
+    assert fitting_batch(on("cpu"), gsm_rows(), 256, new, "auto", None) == \
+        decode_rows(PYTHIA_1B, P, P + new, 4, BUILD_BYTES)
+
+
+def test_free_memory_counts_what_the_allocator_holds_unused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100, 1000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 70)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 50)
+    assert device_module.free_memory("cuda") == 120
+
+
+def test_train_build_memory_defaults_to_the_device():
+    args = train.get_args(["--init", "scratch", "--data", "x.jsonl", "--method", "bash"])
+    assert args.build_memory_gb is None
+
+
+def test_decode_bytes_in_the_cache_dtype(byte_ckpt, monkeypatch):
+    """generate.py's --num-samples check counted an fp32 cache on CUDA too (2x over in bf16)."""
+    model = tiny_llama()
+    cfg = model.config
+    cache = 2 * cfg.n_layer * 3 * cfg.n_kv_head * 10 * cfg.head_dim  # elements
+    fp32 = decode_bytes(model, 3, 10)
+    with cpu_autocast():
+        assert fp32 - decode_bytes(model, 3, 10) == cache * 2
+    needs = []
+    monkeypatch.setattr(generate_module, "check_memory", lambda need, *a: needs.append(need))
+    path = byte_ckpt
+    for precision in ("fp32", "bf16"):
+        generate_module.main(["--init", str(path), "--prompt", "abc", "--max-new-tokens", "5",
+                              "--num-samples", "3", "--device", "cpu", "--precision", precision])
+    model = from_pretrained(path)
+    fp32 = decode_bytes(model, 3, 8)
+    with cpu_autocast():
+        assert needs == [fp32, decode_bytes(model, 3, 8)] and needs[0] > needs[1]
 
 
 # ----------------------------------------------------------------------------------------------
