@@ -17,6 +17,7 @@ import torch
 from model import GPT, KVCache
 from plumbing.checks import (EXPECTED, check_memory, device_name, error_line,
                              non_negative_float, non_negative_int, positive_int, ranged)
+from plumbing.decode_step import fixed_step
 from plumbing.device import autocast, compute_dtype, decode_bytes, label_rows, packed_linears
 
 
@@ -93,6 +94,7 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=N
     with packed_linears(model, B):  # the packing: CPU speed only
         cache = KVCache(model.config, B, S, device, compute_dtype(model))
         h = model.hidden(idx, pos=pos[:, :P], mask=mask, cache=cache)[:, -1]  # the prefill
+        step = fixed_step(model, cache, pos, real)  # --compile-decode's step, else None
         for t in range(steps):
             last = h if need_logits is None else h[need_logits(t)]
             tok, finished = pick(t, model.lm_head(last))
@@ -102,7 +104,7 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=N
                 return out[:, :t + 1]
             c = P + t  # the column this token is written at: it reads the real ones up to it
             h = model.hidden(tok[:, None], pos=pos[:, c:c + 1], mask=real[:, None, None, :c + 1],
-                             cache=cache)[:, -1]
+                             cache=cache)[:, -1] if step is None else step(tok)
     return out
 
 
@@ -223,6 +225,7 @@ def main(argv=None):
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto = bf16 on CUDA, fp32 on a CPU")
+    p.add_argument("--compile-decode", action="store_true", help="torch.compile the decode step")
     args = p.parse_args(argv)
     try:
         with autocast(torch.device(args.device), args.precision):  # what decoding computes in
@@ -238,6 +241,7 @@ def sample_command(args):
 
     tok = load_tokenizer(args.init)
     model = from_pretrained(args.init, device=args.device).eval()
+    model.compile_decode = args.compile_decode  # plumbing/decode_step.py
     check_vocab(tok, model.config.vocab_size, args.init)
     if args.chat:
         ids = with_bos(render_chat([{"role": "user", "content": args.prompt}], tok), tok)

@@ -509,6 +509,7 @@ def start(args) -> Run:
     carried = tokenizer_files(None if args.init == "scratch" else args.init)
     raw = make_model(args, tok, device)
     raw.checkpointing = args.activation_checkpointing  # same gradients, less memory (README)
+    raw.compile_decode = args.compile_decode  # offline sets and evaluation: plumbing/decode_step
     max_len = args.max_len or raw.config.block_size
     check_vocab(tok, raw.config.vocab_size, args.init)
     check_model(args, raw, max_len)
@@ -806,6 +807,7 @@ def get_args(argv=None):
                    help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--compile-decode", action="store_true", help="torch.compile decoding's step")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
     g.add_argument("--activation-checkpointing", action="store_true",

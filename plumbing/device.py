@@ -1,5 +1,5 @@
 """Running on the device at hand: the precision (bf16 autocast), how many rows a decode batch
-may hold, and Linear weights packed for a CPU. A reader of the paper can skip this file: it
+may hold, and Linear weights laid out for decoding. A reader of the paper can skip this file: it
 changes how fast and in how much memory the code runs, never what it computes (measured gains:
 docs/benchmarks.md).
 """
@@ -7,6 +7,7 @@ import contextlib
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 def autocast(device, precision="auto"):
     """bf16 autocast on CUDA and plain fp32 elsewhere ("auto"), or the precision asked for: bf16
@@ -106,22 +107,58 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
+class CastLinear(nn.Module):
+    """A Linear layer for a compiled decode step under autocast (--compile-decode), its weight
+    and bias cast to the compute dtype once. Eager autocast casts a weight once per autocast
+    context (its cache); inside a compiled graph the casts are ops of the graph, run at every
+    step: a read of the fp32 weight and a write and read of its bf16 copy, against one bf16 read.
+    Same values as autocast's casts."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        self.plain = linear
+        self.register_buffer("weight", linear.weight.detach().to(dtype), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.register_buffer("bias", bias, persistent=False)
+        for t in (self.weight, self.bias):  # a CUDA graph reads them in place
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+
+    def forward(self, x):
+        if autocast_dtype(x.device.type, None) != self.weight.dtype:  # e.g. an fp32 forward
+            return self.plain(x)  # inside the swap: the weights themselves
+        return F.linear(x, self.weight, self.bias)
+
+
+def decode_linear(model, rows: int):
+    """What packed_linears swaps each Linear for: a PackedLinear on a CPU in fp32 (eager), a
+    CastLinear under autocast over weights of another dtype with --compile-decode, else None."""
+    device, compiled = model.device.type, getattr(model, "compile_decode", False)
+    dtype = autocast_dtype(device, model.dtype)
+    if compiled and dtype != model.dtype:
+        return lambda linear: CastLinear(linear, dtype)
+    if (not compiled and device == "cpu" and model.dtype == dtype == torch.float32
+            and torch.backends.mkldnn.is_available()):  # under bf16 autocast: the plain path
+        return lambda linear: PackedLinear(linear, rows)
+    return None
+
+
 @contextlib.contextmanager
 def packed_linears(model, rows: int):
-    """Swap every Linear of `model` for a PackedLinear while decoding on a CPU in fp32; restore
-    them after. Entered once around a whole build or evaluation, the weights are packed once: a
-    packed_linears entered inside it finds them packed and does nothing."""
-    cpu_fp32 = (model.device.type == "cpu" and model.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu"))  # under bf16 autocast: the plain path
-    packed = isinstance(model.lm_head, PackedLinear)  # an outer packed_linears wins
-    if packed or not cpu_fp32 or not torch.backends.mkldnn.is_available():
+    """Swap every Linear of `model` for one laid out for decoding (decode_linear): oneDNN's
+    layout on a CPU in fp32, the compute dtype for --compile-decode under autocast; restore them
+    after. Entered once around a whole build or evaluation, the weights are laid out once: a
+    packed_linears entered inside it finds them swapped and does nothing."""
+    make = decode_linear(model, rows)
+    packed = isinstance(model.lm_head, (PackedLinear, CastLinear))  # an outer one wins
+    if packed or make is None:
         yield
         return
     swapped = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     try:
         for parent, name, child in swapped:
-            setattr(parent, name, PackedLinear(child, rows))
+            setattr(parent, name, make(child))
         yield
     finally:
         for parent, name, child in swapped:

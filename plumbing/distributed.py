@@ -138,6 +138,7 @@ def gathered_decoder(raw, fsdp: bool, precision: str):
         copy.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
     if copy.config.tie_embeddings:
         copy.lm_head.weight = copy.wte.weight
+    copy.compile_decode = getattr(raw, "compile_decode", False)  # --compile-decode
     return copy.train(raw.training)
 
 

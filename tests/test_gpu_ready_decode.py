@@ -1,7 +1,8 @@
-"""Decoding ready for a GPU, checked on the CPU (issue 32, items 2, 3, 4 and 7): no dtype
-round trips of the KV cache under bf16 autocast, the caller's precision reaching decode, the decode
-batch sized from the device's free memory in the cache's real dtype, at most one host sync per
-decoded token."""
+"""Decoding ready for a GPU, checked on the CPU (issue 32, items 2, 3, 4, 7 and the fixed-shape
+step): no dtype round trips of the KV cache under bf16 autocast, the caller's precision reaching
+decode, the decode batch sized from the device's free memory in the cache's real dtype, at most one
+host sync per decoded token, and --compile-decode's fixed-shape step giving the eager path's and
+transformers' tokens."""
 import collections
 from types import SimpleNamespace
 
@@ -9,13 +10,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import data
 import generate as generate_module
+import plumbing.decode_step as decode_step
 import plumbing.device as device_module
 import train
-from generate import bash_mix, generate, rac_labels
+from generate import bash_mix, decode, generate, rac_labels
 from model import GPT, GPTConfig, from_pretrained, save_pretrained
 from plumbing.device import BUILD_BYTES, autocast, decode_bytes, decode_rows, fitting_batch
-from test_generate import PROMPTS
+from test_generate import NEW, PROMPTS, cut_after, hf_greedy, pick_eos
+from test_train import tiny_args, weights, write_jsonl
 
 BF16 = torch.bfloat16
 
@@ -286,3 +290,136 @@ def test_bash_mix_keeps_y_where_the_coin_does_not_take():
         assert all(a == b for a, b, k in zip(m, y, t) if not k)  # not taken: y^j itself
 
 
+# ----------------------------------------------------------------------------------------------
+# the fixed-shape decode step (--compile-decode)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """--compile-decode's step compiled with the eager backend (dynamo's capture and guards,
+    without inductor's minutes of code generation); counters from zero."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(decode_step, "COMPILED",
+                        {"cpu": torch.compile(decode_step.step, backend="eager", fullgraph=True)})
+    yield counters
+    torch._dynamo.reset()
+
+
+def compiled_model(model):
+    model.compile_decode = True
+    return model
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "llama_tied"])
+def test_fixed_step_greedy_equals_eager_and_transformers(hf_checkpoint, compiled, name):
+    hf = hf_checkpoint(name).hf
+    refs = [hf_greedy(hf, p, NEW) for p in PROMPTS]
+    eager = generate(from_pretrained(hf_checkpoint(name).path).eval(), PROMPTS, NEW)
+    model = compiled_model(from_pretrained(hf_checkpoint(name).path).eval())
+    assert generate(model, PROMPTS, NEW) == eager == refs
+    eos = pick_eos(refs)
+    assert generate(model, PROMPTS, NEW, eos_id=eos) == [cut_after(r, eos) for r in refs]
+    assert compiled["stats"]["unique_graphs"] >= 1
+
+
+def test_fixed_step_is_one_graph_without_recompiles(hf_checkpoint, compiled):
+    """One capture serves every step and every decode call of the same shapes: no guard on the
+    step's column, the cache's fill count or the tensors' addresses."""
+    model = compiled_model(from_pretrained(hf_checkpoint("llama_gqa").path).eval())
+    first = generate(model, PROMPTS, NEW)
+    assert compiled["stats"]["unique_graphs"] == 1
+    assert generate(model, PROMPTS, NEW) == first
+    assert generate(model, PROMPTS[::-1], NEW) == first[::-1]
+    assert compiled["stats"]["unique_graphs"] == 1
+    assert sum(compiled["graph_break"].values()) == 0
+
+
+def test_fixed_step_builders_equal_eager(hf_checkpoint, compiled):
+    """BASH's mixing (sampled, the head on the taking rows only) and RAC's labels give the eager
+    path's tokens."""
+    path = hf_checkpoint("llama_tied").path
+    eager, model = from_pretrained(path).eval(), compiled_model(from_pretrained(path).eval())
+    responses = [[3] * 9, [4] * 7, [5] * 9, [6] * 8]
+    for m in (eager, model):
+        m.out = (bash_mix(m, PROMPTS, responses, beta=0.5, seed=1),
+                 rac_labels(m, PROMPTS, [p + [9] for p in PROMPTS], 8, seed=2),
+                 generate(m, PROMPTS, 10, temperature=1.0, top_p=0.9, seed=3))
+    assert model.out == eager.out
+
+
+def test_fixed_step_under_bf16_autocast_runs_in_bf16(hf_checkpoint, compiled):
+    """The compiled step computes in the caller's precision too: bf16 logits at every step."""
+    model = compiled_model(from_pretrained(hf_checkpoint("llama_gqa").path).eval())
+    seen = []
+
+    def pick(t, logits):  # outside the compiled region (a hook inside would be traced into it)
+        seen.append(logits.dtype)
+        return logits.argmax(-1), torch.zeros(len(logits), dtype=torch.bool)
+
+    with cpu_autocast():
+        out = decode(model, PROMPTS, NEW, pick)
+    assert out.shape == (len(PROMPTS), NEW) and seen == [BF16] * NEW
+    assert compiled["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_step_casts_no_weight_under_autocast(monkeypatch):
+    """Under autocast a compiled graph casts each fp32 weight to bf16 at every step (autocast's
+    weight cache does not reach into it); with --compile-decode the step reads weights cast once
+    (CastLinear), the same values: the eager path's tokens."""
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = []
+
+    def keep(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(decode_step, "COMPILED", {"cpu": torch.compile(
+        decode_step.step, backend=aot_autograd(fw_compiler=keep), fullgraph=True)})
+    model = compiled_model(tiny_llama())
+    with cpu_autocast():
+        rows = generate(model, PROMPTS, NEW)
+        assert rows == generate(tiny_llama(), PROMPTS, NEW)
+    weights = {tuple(p.shape) for p in model.parameters() if p.ndim == 2}
+    casts = [n for g in graphs for n in g.graph.nodes
+             if n.target is torch.ops.aten._to_copy.default
+             and tuple(n.args[0].meta["val"].shape) in weights]
+    assert graphs and casts == []
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
+    torch._dynamo.reset()
+
+
+def test_generate_command_compile_decode(byte_ckpt, compiled, monkeypatch, capsys):
+    path = byte_ckpt
+    texts = []
+    for extra in ([], ["--compile-decode"]):
+        generate_module.main(["--init", str(path), "--prompt", "abc", "--max-new-tokens", "8",
+                              "--num-samples", "2", "--temperature", "0", "--device", "cpu",
+                              *extra])
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and compiled["stats"]["unique_graphs"] == 1
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """tests/test_train.py's tiny arithmetic data: 32 training rows, 8 evaluation rows."""
+    d = tmp_path_factory.mktemp("data")
+    return (write_jsonl(d / "train.jsonl", data.builtin_task(32, seed=0, terms=(2, 4))),
+            write_jsonl(d / "dev.jsonl", data.builtin_task(8, seed=1, terms=(2, 4))))
+
+
+def test_train_compile_decode_builds_the_same_sets(files, tmp_path, compiled):
+    """train.py --compile-decode: BASH's offline sets and the evaluation's answers through the
+    compiled step; the same tokens, so the same weights."""
+    assert not train.get_args(["--init", "scratch", "--data", "x.jsonl"]).compile_decode
+    outs = []
+    for extra in ([], ["--compile-decode"]):
+        out = tmp_path / f"bash{len(extra)}"
+        train.main(tiny_args(files, out, "--method", "bash", "--sft-epochs", "1",
+                             "--iter-epochs", "1", "--build-batch-size", "64", *extra))
+        outs.append(weights(out / "checkpoint"))
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert compiled["stats"]["unique_graphs"] >= 1
