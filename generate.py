@@ -17,6 +17,7 @@ import torch
 from model import GPT, KVCache
 from plumbing.checks import (EXPECTED, check_memory, device_name, error_line,
                              non_negative_float, non_negative_int, positive_int, ranged)
+from plumbing.decode_step import fixed_step
 from plumbing.device import autocast, compute_dtype, decode_bytes, label_rows, packed_linears
 
 
@@ -69,16 +70,16 @@ def left_pad(prompts, S, device):
     return idx, pos, real, mask[:, None]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=None):
     """The decode loop shared by generate, bash_mix and SCS.
 
     Prompts are left-padded into one batch; each row's positions start at 0 at its first real
     token, and a mask hides the padding columns. One prefill, then one step per token for the
     whole batch: pick(t, logits) returns (tokens to feed (B,), done (B,) bool). logits are
-    (B, vocab), or only the rows that need_logits(t), a (B,) bool mask, selects: the head is not
-    run for the other rows. Stops after `steps` steps or when every row is done. Returns the fed
-    tokens, (B, steps run).
+    (B, vocab), or only those of the rows need_logits(t) lists (indices): the head is not run for
+    the others. Stops after `steps` steps or when every row is done (the step's one wait on the
+    device), in the caller's precision (autocast). Returns the fed tokens, (B, steps run).
     """
     assert prompts and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
     device = model.device
@@ -90,9 +91,10 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=N
     idx, pos, real, mask = left_pad(prompts, S, device)
     out = torch.zeros(B, steps, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    with autocast(device), packed_linears(model, B):  # the packing: CPU speed only
+    with packed_linears(model, B):  # the packing: CPU speed only
         cache = KVCache(model.config, B, S, device, compute_dtype(model))
         h = model.hidden(idx, pos=pos[:, :P], mask=mask, cache=cache)[:, -1]  # the prefill
+        step = fixed_step(model, cache, pos, real)  # --compile-decode's step, else None
         for t in range(steps):
             last = h if need_logits is None else h[need_logits(t)]
             tok, finished = pick(t, model.lm_head(last))
@@ -102,7 +104,7 @@ def decode(model: GPT, prompts: list[list[int]], steps: int, pick, need_logits=N
                 return out[:, :t + 1]
             c = P + t  # the column this token is written at: it reads the real ones up to it
             h = model.hidden(tok[:, None], pos=pos[:, c:c + 1], mask=real[:, None, None, :c + 1],
-                             cache=cache)[:, -1]
+                             cache=cache)[:, -1] if step is None else step(tok)
     return out
 
 
@@ -146,19 +148,21 @@ def bash_mix(model, prompts, responses, beta=0.2, temperature=1.0, seed=None):
     L = int(lengths.max())
     ys = torch.tensor([y + [0] * (L - len(y)) for y in responses], device=device)
     took = torch.rand(len(prompts), L, generator=gen, device=device) < beta  # Eq. 4's coins
+    # step t's rows with took[:, t], as indices: column t of rows, its first counts[t] entries
+    counts, rows = took.sum(0).tolist(), (~took).byte().sort(dim=0, stable=True)[1]
 
     def pick(t, logits):  # logits of the rows with took[:, t] only: the others need no z^j
         y_hat = ys[:, t].clone()
-        y_hat[took[:, t]] = sample(logits, temperature, generator=gen)  # Eq. 4: z^j, else y^j
+        y_hat[rows[:counts[t], t]] = sample(logits, temperature, generator=gen)  # Eq. 4: z^j or y^j
         return y_hat, t >= lengths - 1
 
-    mixed = decode(model, prompts, L, pick, need_logits=lambda t: took[:, t]).tolist()
+    mixed = decode(model, prompts, L, pick, need_logits=lambda t: rows[:counts[t], t]).tolist()
     took = took.tolist()
     return ([m[:len(y)] for m, y in zip(mixed, responses)],
             [k[:len(y)] for k, y in zip(took, responses)])
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, seed=None,
                eos_id=None):
     """Reference-Answer-based Correction's data (Eq. 6): z ~ p(·|x), then
@@ -183,7 +187,7 @@ def rac_labels(model, prompts, ref_prompts, max_new_tokens, temperature=1.0, see
     idx, pos, _, attn_mask = left_pad(seqs, T, device)
     step = label_rows(cfg, n, T)  # rows at a time, so that their logits fit in memory
     best = []
-    with autocast(device), packed_linears(model, min(step, len(seqs)) * T):
+    with packed_linears(model, min(step, len(seqs)) * T):
         for k in range(0, len(seqs), step):
             rows = slice(k, k + step)
             h = model.hidden(idx[rows], pos=pos[rows], mask=attn_mask[rows])[:, -n:]
@@ -219,9 +223,13 @@ def main(argv=None):
                    help="seed for reproducible samples")
     p.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto = bf16 on CUDA, fp32 on a CPU")
+    p.add_argument("--compile-decode", action="store_true", help="torch.compile the decode step")
     args = p.parse_args(argv)
     try:
-        sample_command(args)
+        with autocast(torch.device(args.device), args.precision):  # what decoding computes in
+            sample_command(args)
     except EXPECTED as e:
         sys.exit(error_line(e))
 
@@ -235,6 +243,7 @@ def sample_command(args):
     allow_tf32(args.device)
     tok = load_tokenizer(args.init)
     model = from_pretrained(args.init, device=args.device).eval()
+    model.compile_decode = args.compile_decode  # plumbing/decode_step.py
     check_vocab(tok, model.config.vocab_size, args.init)
     if args.chat:
         ids = with_bos(render_chat([{"role": "user", "content": args.prompt}], tok), tok)
@@ -248,7 +257,7 @@ def sample_command(args):
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt's {len(ids)} tokens "
                          f"leave room for {room} in the model's context of "
                          f"{model.config.block_size} (ask for at most {room})")
-    check_memory(decode_bytes(model.config, args.num_samples, len(ids) + args.max_new_tokens),
+    check_memory(decode_bytes(model, args.num_samples, len(ids) + args.max_new_tokens),
                  f"--num-samples {args.num_samples}: decoding them as one batch", args.device,
                  "ask for fewer samples")
     prompts = [ids] * args.num_samples
@@ -266,8 +275,8 @@ def sample_command(args):
 
     def pick(t, logits):
         nxt = sample(logits, args.temperature, args.top_k, args.top_p, gen)
-        if nxt.item() != tok.eos_id:
-            sys.stdout.write(text.decode(tok.enc.decode_single_token_bytes(nxt.item())))
+        if (i := nxt.item()) != tok.eos_id:  # the token is printed: one wait per step anyway
+            sys.stdout.write(text.decode(tok.enc.decode_single_token_bytes(i)))
             sys.stdout.flush()
         return nxt, nxt == tok.eos_id
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from plumbing.checks import check_fields, check_loading, inside, read_json
+from plumbing.device import autocast_dtype
 from plumbing.hf_families import (LIMITS, config_fields, config_problems, config_to_hf,
                                   hf_tensors, load_hf_state, param_count, write_hf_files)
 
@@ -216,7 +217,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
                                                enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v.to(k.dtype), attn_mask=mask,
                                                dropout_p=dropout, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
@@ -329,14 +330,14 @@ class GPT(nn.Module):
             x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
         if noise_alpha > 0 and self.training:
             x = x + torch.empty_like(x).uniform_(-1, 1) * (noise_alpha / math.sqrt(T * x.shape[-1]))
-        rope = None
+        rope, dtype = None, autocast_dtype(x.device.type, x.dtype)  # fp32 tables would promote q, k
         if self.config.arch == "gpt2":
             x = x + (self.wpe(pos) if pos is not None else self.wpe.weight[:T])
         elif pos is None:  # every row starts at 0: one table broadcast over the batch
-            rope = (self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype))
+            rope = (self.rope_cos[:T].to(dtype), self.rope_sin[:T].to(dtype))
         else:
-            rope = (self.rope_cos[pos].unsqueeze(1).to(x.dtype),
-                    self.rope_sin[pos].unsqueeze(1).to(x.dtype))
+            rope = (self.rope_cos[pos].unsqueeze(1).to(dtype),
+                    self.rope_sin[pos].unsqueeze(1).to(dtype))
         x = self.drop(x)
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for block in self.h:

@@ -354,9 +354,9 @@ def build_iteration_set(r: Run, state: dict, iteration: int, report: dict):
         state.update(iteration=iteration, offline=None, stats={})
         return
     new = max(max(len(x.response) for x in r.rows), r.rac_max_new_tokens, r.spin_max_new_tokens)
-    batch = fitting_batch(r.raw, r.rows, r.args.build_batch_size, new, r.args.precision,
-                          r.args.build_memory_gb)
     model = gathered_decoder(r.raw, r.args.fsdp, r.args.precision)  # --fsdp: a whole copy
+    batch = fitting_batch(r.raw, r.rows, r.args.build_batch_size, new, r.args.precision,
+                          r.args.build_memory_gb)  # in the memory the copy leaves
     offline = build_offline(model, r.rows, functools.partial(m.build, r), batch,
                             seed_for(r.args.seed, "offline", iteration), r.rank, r.world,
                             r.args.precision)
@@ -518,6 +518,7 @@ def start(args) -> Run:
     carried = tokenizer_files(None if args.init == "scratch" else args.init)
     raw = make_model(args, tok, device)
     raw.checkpointing = args.activation_checkpointing  # same gradients, less memory (README)
+    raw.compile_decode = args.compile_decode  # offline sets and evaluation: plumbing/decode_step
     max_len = args.max_len or raw.config.block_size
     check_vocab(tok, raw.config.vocab_size, args.init)
     check_model(args, raw, max_len)
@@ -796,9 +797,9 @@ def get_args(argv=None):
                    help="SPIN: cap on z (default: longest reference + 16)")
     g.add_argument("--build-batch-size", type=positive_int, default=256,
                    help="rows per decode batch when building offline sets")
-    g.add_argument("--build-memory-gb", type=positive_float, default=1.0,
-                   help="most memory a decode batch may take (KV cache, prefill, logits): fewer "
-                        "rows than --build-batch-size where they would not fit")
+    g.add_argument("--build-memory-gb", type=positive_float, default=None,
+                   help="most memory a decode batch (KV cache, prefill, logits) may take, fewer "
+                        "rows where over it (default: 80%% of CUDA's free memory, 1 on a CPU)")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=positive_int, default=64,
@@ -819,6 +820,7 @@ def get_args(argv=None):
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each block for training (the loss and decoding stay eager)")
+    g.add_argument("--compile-decode", action="store_true", help="torch.compile decoding's step")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
     g.add_argument("--activation-checkpointing", action="store_true",

@@ -1,6 +1,6 @@
 """Running on the device at hand: the precision (bf16 autocast), copies to the device that do not
 make the host wait, the blocks compiled for training (--compile), how many rows a decode batch
-may hold, and Linear weights packed for a CPU. A reader of the paper can skip this file: it
+may hold, and Linear weights laid out for decoding. A reader of the paper can skip this file: it
 changes how fast and in how much memory the code runs, never what it computes (measured gains:
 docs/benchmarks.md).
 """
@@ -9,6 +9,7 @@ import functools
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from plumbing.sync_counter import staging
 
@@ -31,12 +32,17 @@ def autocast(device, precision="auto"):
     return contextlib.nullcontext()
 
 
+def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """autocast's dtype where it is on for device_type, else `default`."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return default
+
+
 def compute_dtype(model) -> torch.dtype:
     """The dtype a forward computes in: autocast's where it is on (bf16 on CUDA, or under
     --precision bf16), else the weights'. The KV cache is kept in it."""
-    if torch.is_autocast_enabled(model.device.type):
-        return torch.get_autocast_dtype(model.device.type)
-    return model.dtype
+    return autocast_dtype(model.device.type, model.dtype)
 
 
 def to_device(data, device, dtype=torch.long) -> torch.Tensor:
@@ -65,9 +71,20 @@ def _compiled_in_training(eager, compiled, x, rope, mask, cache):
     return (compiled if train else eager)(x, rope, mask, cache)
 
 
-# bytes that a chunk of RAC's labelling pass may take, and decode_rows' default budget for a
-# decode batch (train.py's --build-memory-gb sets that one)
+# bytes that a chunk of RAC's labelling pass may take, and a decode batch's budget on a CPU (and
+# on CUDA where --build-memory-gb is given)
 BUILD_BYTES = 1 << 30
+# on CUDA without --build-memory-gb: the share of the free device memory a decode batch may take;
+# the rest is the margin for what decode_rows does not count (allocator fragmentation, the
+# autocast copies of the weights, kernels' workspaces)
+FREE_SHARE = 0.8
+
+
+def free_memory(device) -> int:
+    """Bytes a new allocation on a CUDA device can take: the driver's free memory plus what
+    PyTorch's caching allocator holds reserved but unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def decode_rows(cfg, prompt_len: int, columns: int, itemsize: int, budget: int = BUILD_BYTES):
@@ -80,15 +97,19 @@ def decode_rows(cfg, prompt_len: int, columns: int, itemsize: int, budget: int =
     return max(1, budget // (cache + prefill + 3 * 4 * cfg.vocab_size))
 
 
-def fitting_batch(model, rows, batch_size, new_tokens, precision, gb) -> int:
+def fitting_batch(model, rows, batch_size, new_tokens, precision, gb=None) -> int:
     """Rows per decode batch: batch_size, or fewer where their KV cache (the longest prompt +
-    new_tokens columns, in the compute dtype), prefill and logits would pass `gb` GB
-    (--build-memory-gb; decode_rows). It depends on the model, the rows and the flags, not on
-    the machine."""
+    new_tokens columns, in the dtype decoding keeps it in: bf16 under autocast), prefill and
+    logits would pass the budget (decode_rows): `gb` GB (--build-memory-gb), or where it is None,
+    FREE_SHARE of the device's free memory on CUDA and BUILD_BYTES on a CPU (so that a CPU's
+    batches do not depend on the machine)."""
     P = max(len(x.prompt) for x in rows)
-    bf16 = precision == "bf16" or (precision == "auto" and model.device.type == "cuda")
+    cuda = model.device.type == "cuda"
+    bf16 = precision == "bf16" or (precision == "auto" and cuda)
     itemsize = 2 if bf16 else model.dtype.itemsize
-    return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize, int(gb * 1e9)))
+    budget = (int(gb * 1e9) if gb is not None else
+              int(FREE_SHARE * free_memory(model.device)) if cuda else BUILD_BYTES)
+    return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize, budget))
 
 
 def label_rows(cfg, labelled: int, length: int) -> int:
@@ -98,10 +119,12 @@ def label_rows(cfg, labelled: int, length: int) -> int:
     return max(1, BUILD_BYTES // per_row)
 
 
-def decode_bytes(cfg, batch: int, length: int) -> int:
-    """What decoding `batch` rows of `length` tokens allocates: the KV cache (keys and values of
-    every layer, fp32 on a CPU) plus the activations and logits of one step (a generous bound)."""
-    cache = 2 * cfg.n_layer * batch * cfg.n_kv_head * length * cfg.head_dim * 4
+def decode_bytes(model, batch: int, length: int) -> int:
+    """What decoding `batch` rows of `length` tokens with `model` allocates: the KV cache (keys
+    and values of every layer, in the compute dtype, as decode keeps it: bf16 under autocast)
+    plus the activations and logits of one step (a generous bound)."""
+    cfg, itemsize = model.config, compute_dtype(model).itemsize
+    cache = 2 * cfg.n_layer * batch * cfg.n_kv_head * length * cfg.head_dim * itemsize
     return cache + batch * (length * cfg.n_embd * 16 + cfg.vocab_size * 8)
 
 
@@ -125,22 +148,58 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
+class CastLinear(nn.Module):
+    """A Linear layer for a compiled decode step under autocast (--compile-decode), its weight
+    and bias cast to the compute dtype once. Eager autocast casts a weight once per autocast
+    context (its cache); inside a compiled graph the casts are ops of the graph, run at every
+    step: a read of the fp32 weight and a write and read of its bf16 copy, against one bf16 read.
+    Same values as autocast's casts."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        self.plain = linear
+        self.register_buffer("weight", linear.weight.detach().to(dtype), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.register_buffer("bias", bias, persistent=False)
+        for t in (self.weight, self.bias):  # a CUDA graph reads them in place
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+
+    def forward(self, x):
+        if autocast_dtype(x.device.type, None) != self.weight.dtype:  # e.g. an fp32 forward
+            return self.plain(x)  # inside the swap: the weights themselves
+        return F.linear(x, self.weight, self.bias)
+
+
+def decode_linear(model, rows: int):
+    """What packed_linears swaps each Linear for: a PackedLinear on a CPU in fp32 (eager), a
+    CastLinear under autocast over weights of another dtype with --compile-decode, else None."""
+    device, compiled = model.device.type, getattr(model, "compile_decode", False)
+    dtype = autocast_dtype(device, model.dtype)
+    if compiled and dtype != model.dtype:
+        return lambda linear: CastLinear(linear, dtype)
+    if (not compiled and device == "cpu" and model.dtype == dtype == torch.float32
+            and torch.backends.mkldnn.is_available()):  # under bf16 autocast: the plain path
+        return lambda linear: PackedLinear(linear, rows)
+    return None
+
+
 @contextlib.contextmanager
 def packed_linears(model, rows: int):
-    """Swap every Linear of `model` for a PackedLinear while decoding on a CPU in fp32; restore
-    them after. Entered once around a whole build or evaluation, the weights are packed once: a
-    packed_linears entered inside it finds them packed and does nothing."""
-    cpu_fp32 = (model.device.type == "cpu" and model.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu"))  # under bf16 autocast: the plain path
-    packed = isinstance(model.lm_head, PackedLinear)  # an outer packed_linears wins
-    if packed or not cpu_fp32 or not torch.backends.mkldnn.is_available():
+    """Swap every Linear of `model` for one laid out for decoding (decode_linear): oneDNN's
+    layout on a CPU in fp32, the compute dtype for --compile-decode under autocast; restore them
+    after. Entered once around a whole build or evaluation, the weights are laid out once: a
+    packed_linears entered inside it finds them swapped and does nothing."""
+    make = decode_linear(model, rows)
+    packed = isinstance(model.lm_head, (PackedLinear, CastLinear))  # an outer one wins
+    if packed or make is None:
         yield
         return
     swapped = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     try:
         for parent, name, child in swapped:
-            setattr(parent, name, PackedLinear(child, rows))
+            setattr(parent, name, make(child))
         yield
     finally:
         for parent, name, child in swapped:

@@ -153,6 +153,7 @@ def gathered_decoder(raw, fsdp: bool, precision: str, scores: bool = False):
     if copy.config.tie_embeddings:
         copy.lm_head.weight = copy.wte.weight
     copy.decodes_in = torch.bfloat16 if bf16 and scores else None
+    copy.compile_decode = getattr(raw, "compile_decode", False)  # --compile-decode
     return copy.train(raw.training)
 
 
