@@ -22,17 +22,10 @@ import data  # noqa: E402
 import train  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from plumbing.sync_counter import SyncCounter  # noqa: E402
+from test_train import one_thread  # noqa: E402,F401  (one intra-op thread, module-wide)
 
 CPU = torch.device("cpu")
 STEP_SYNCS = 1  # train_step reads its logged terms, tokens and gradient norm once
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_gpt():
