@@ -27,9 +27,14 @@ def allow_tf32(device):
 def autocast(device, precision="auto"):
     """bf16 autocast on CUDA and plain fp32 elsewhere ("auto"), or the precision asked for: bf16
     halves a CPU training step where the CPU has bf16 instructions (avx512_bf16, AMX)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if computes_in_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def computes_in_bf16(device, precision: str) -> bool:
+    """What --precision means on `device`: bf16 if asked, or "auto" on CUDA."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
@@ -105,8 +110,7 @@ def fitting_batch(model, rows, batch_size, new_tokens, precision, gb=None) -> in
     batches do not depend on the machine)."""
     P = max(len(x.prompt) for x in rows)
     cuda = model.device.type == "cuda"
-    bf16 = precision == "bf16" or (precision == "auto" and cuda)
-    itemsize = 2 if bf16 else model.dtype.itemsize
+    itemsize = 2 if computes_in_bf16(model.device, precision) else model.dtype.itemsize
     budget = (int(gb * 1e9) if gb is not None else
               int(FREE_SHARE * free_memory(model.device)) if cuda else BUILD_BYTES)
     return min(batch_size, decode_rows(model.config, P, P + new_tokens, itemsize, budget))
