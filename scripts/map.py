@@ -63,6 +63,7 @@ def get_args(argv=None):
     g.add_argument("--digits", type=positive_int, default=1)
     g.add_argument("--n-layer", type=positive_int, default=4, help="the model from scratch")
     g.add_argument("--n-embd", type=positive_int, default=64)
+    g.add_argument("--block-size", type=positive_int, default=256, help="the model's context")
     g.add_argument("--batch-size", type=positive_int, default=16)
     g.add_argument("--micro-batch-size", type=positive_int, default=16)
     g.add_argument("--max-new-tokens", type=positive_int, default=None)
@@ -71,6 +72,8 @@ def get_args(argv=None):
     g = p.add_argument_group("warm-up and stages")
     g.add_argument("--warmup-epochs", type=positive_int, default=40)
     g.add_argument("--warmup-lr", type=positive_float, default=2e-3)
+    g.add_argument("--warmup-eval-every", type=positive_int, default=1,
+                   help="epochs between the warm-up's dev evaluations (and kept checkpoints)")
     g.add_argument("--stage-fractions", type=fraction, nargs="+", default=[0.3, 0.6, 0.85],
                    help="the other stages: dev accuracy nearest to these fractions of the last's")
     g = p.add_argument_group("continuations and the dev grid")
@@ -92,13 +95,14 @@ def get_args(argv=None):
 
 
 def warm_up(folder: Path, data: dict, args) -> list[tuple[int, float]]:
-    """One SFT run from scratch, stopped after every epoch to keep a copy of its checkpoint
-    (--stop-after, then --resume: the same run as one without stops). Returns (epoch, dev
-    accuracy) for every epoch."""
+    """One SFT run from scratch, stopped after every --warmup-eval-every epochs to keep a copy
+    of its checkpoint (--stop-after, then --resume: the same run as one without stops). Returns
+    (epoch, dev accuracy) for every evaluated epoch."""
     out = folder / "warmup"
     rows = len(data["warmup"].read_text().splitlines())
+    every = args.warmup_eval_every
     per_epoch = train.steps_per_epoch(rows, args.batch_size)
-    for epoch in range(1, args.warmup_epochs + 1):
+    for epoch in range(every, args.warmup_epochs + 1, every):
         if (out / f"epoch-{epoch}" / "config.json").exists():
             continue
         again = (out / "checkpoint").exists() or (out / "checkpoint.old").exists()
@@ -106,9 +110,10 @@ def warm_up(folder: Path, data: dict, args) -> list[tuple[int, float]]:
             shutil.rmtree(out, ignore_errors=True)
         argv = study.common({**data, "train": data["warmup"]}, "dev", out, args, "--init",
                             "scratch", "--method", "sft", "--iter-epochs", args.warmup_epochs,
-                            "--lr", args.warmup_lr, "--seed", 0, "--eval-every", per_epoch,
+                            "--lr", args.warmup_lr, "--seed", 0, "--eval-every", every * per_epoch,
                             "--stop-after", epoch * per_epoch, "--n-layer", args.n_layer,
-                            "--n-embd", args.n_embd, *(["--resume"] if again else []))
+                            "--n-embd", args.n_embd, "--block-size", args.block_size,
+                            *(["--resume"] if again else []))
         train.run(train.get_args(argv))
         shutil.copytree(out / "checkpoint", out / f"epoch-{epoch}.tmp", dirs_exist_ok=True)
         os.replace(out / f"epoch-{epoch}.tmp", out / f"epoch-{epoch}")
