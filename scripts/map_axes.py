@@ -112,27 +112,28 @@ def at_length(args, length: int) -> argparse.Namespace:
 
 
 def first_slip(reply: str, reference: str) -> int | None:
-    """The index of the first step of `reply` that differs from the reference's (a missing step
-    counts), or None when every step matches. Before it the reply is the reference, so it is the
-    model's first mistake."""
-    mine, ref = reply.split(" ####")[0].split(","), reference.split(" ####")[0].split(",")
+    """The index of the first step of `reply` that differs from the reference's (a missing or
+    extra step counts; the final answer after '####' is step L), or None when the reply is the
+    reference. Before it the reply is the reference, so it is the model's first mistake."""
+    (mine, _, end), (ref, _, ref_end) = reply.partition(" ####"), reference.partition(" ####")
+    mine, ref = mine.split(","), ref.split(",")
     for k, step in enumerate(ref):
         if k >= len(mine) or mine[k] != step:
             return k
-    return None if len(mine) == len(ref) else len(ref)
+    return None if len(mine) == len(ref) and end == ref_end else len(ref)
 
 
 def slip_stats(texts: list[str], rows) -> dict:
     """Of the greedy answers: the share with a slip, the mean position of the first slip over
-    the answer's length (0: the first step), a 10-bin histogram of it, and the share of answers
-    with a slip whose final answer is right (recovered)."""
+    the answer's L + 1 parts (0: the first step), a 10-bin histogram of it, and the share of
+    answers with a slip whose final answer is right (recovered)."""
     slips, recovered = [], 0
     for text, row in zip(texts, rows):
         k = first_slip(text, row.reference)
         if k is None:
             continue
         steps = row.reference.split(" ####")[0].count(",") + 1
-        slips.append(min(k, steps - 1) / steps)
+        slips.append(k / (steps + 1))  # the L steps and the final answer, over [0, 1)
         recovered += extract_answer(text) == row.answer
     hist = np.histogram(slips, bins=10, range=(0.0, 1.0))[0].tolist()
     return {"slip_share": len(slips) / len(rows),
