@@ -12,8 +12,7 @@ a family changes is a line in FAMILIES plus a few GPTConfig knobs read from its 
   smollm3:  no rotary on no_rope_layers. phi3: q/k/v and gate/up fused in the file.
   gemma:    embeddings x sqrt(d), RMSNorm by (1 + w), GELU-tanh gated MLP.
   olmo2:    RMSNorm on the whole q and k, and on each sublayer's output instead of its input.
-  gemma3_text: gemma's, with q/k norms per head, norms after each sublayer too, its own softmax
-            scale, and local layers: a sliding window of keys and their own rope base.
+  gemma3_text: gemma's, norms on q/k heads and after each sublayer too, sliding local layers.
 Other families' sliding windows are not implemented: there block_size stops at the window, over
 which full attention is the same computation.
 
@@ -37,8 +36,7 @@ from plumbing.hf_families import (LIMITS, config_fields, config_problems, config
 # What each family fixes in the base decoder: norm "layer" (LayerNorm) or "rms_1p" (x (1 + w));
 # mlp "gelu_tanh", "gelu" (exact erf) or "geglu" (GELU-tanh gate) instead of "swiglu"; qk_norm
 # "head" (over each head) or "all" (over the whole projection); post_norm: normalise sublayer
-# outputs, "output" (instead of inputs) or "both"; embed_scale: embeddings x sqrt(n_embd); bias:
-# biases on every linear layer.
+# outputs, not inputs ("output") or both; embed_scale: embeddings x sqrt(n_embd); bias: all.
 BASE = dict(norm="rms", mlp="swiglu", qk_norm=None, post_norm=None, embed_scale=False,
             bias=False)
 FAMILIES = {"gpt2": dict(norm="layer", mlp="gelu_tanh", bias=True),
@@ -174,17 +172,9 @@ def rope_tables(cfg: GPTConfig, local: bool = False):
     return emb.cos(), emb.sin()
 
 
-def rotary(cos, sin, pos, T: int, dtype):
-    """The rope tables' rows of T tokens: 0..T-1 for every row, or each token's pos (B, T)."""
-    if pos is None:  # one table broadcast over the batch
-        return cos[:T].to(dtype), sin[:T].to(dtype)
-    return cos[pos].unsqueeze(1).to(dtype), sin[pos].unsqueeze(1).to(dtype)
-
-
 def band(mask, q, window: int):
-    """Of the key columns each query of q may read (mask; None: causal), the last `window`.
-    The readable columns are consecutive and end at the query's own (left padding, causal
-    decoding), so column j is in the window exactly when column j + window is not readable."""
+    """Of the key columns each query of q may read (mask; None: causal), the last `window`: they
+    are consecutive up to its own, so column j is in it when column j + window is not readable."""
     if mask is None:
         mask = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
     ahead = torch.zeros_like(mask)
@@ -331,12 +321,10 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def build_rope(self):
-        """The rope tables, buffers that are not saved (from_pretrained builds them after the
-        meta device): rope_cos/sin, and gemma3_text's local_cos/sin for its local layers."""
+        """The rope tables (cos | sin), not saved: rope, and local (gemma3_text's local layers)."""
         for name in ("rope", "local") if self.config.sliding_layers else ("rope",):
-            cos, sin = rope_tables(self.config, local=name == "local")
-            self.register_buffer(name + "_cos", cos, persistent=False)
-            self.register_buffer(name + "_sin", sin, persistent=False)
+            tables = torch.stack(rope_tables(self.config, local=name == "local"))
+            self.register_buffer(name, tables, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -378,10 +366,9 @@ class GPT(nn.Module):
         rope, dtype = None, autocast_dtype(x.device.type, x.dtype)  # fp32 tables would promote q, k
         if self.config.arch == "gpt2":
             x = x + (self.wpe(pos) if pos is not None else self.wpe.weight[:T])
-        else:
-            rope = local = rotary(self.rope_cos, self.rope_sin, pos, T, dtype)
-        if self.config.sliding_layers:  # gemma3_text's local layers have their own
-            local = rotary(self.local_cos, self.local_sin, pos, T, dtype)
+        else:  # each token's pos, or 0..T-1 for every row: one table broadcast over the batch
+            rope, local = ((t[:, :T] if pos is None else t[:, pos].unsqueeze(2)).to(dtype).unbind()
+                           for t in (self.rope, getattr(self, "local", self.rope)))
         x = self.drop(x)
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.h):

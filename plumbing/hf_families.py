@@ -359,7 +359,8 @@ def _gemma3_to_hf(cfg, rope: dict) -> dict:
             "rope_local_base_freq": cfg.local_rope_theta, "hidden_activation": "gelu_pytorch_tanh",
             "layer_types": ["sliding_attention" if i in cfg.sliding_layers else "full_attention"
                             for i in range(cfg.n_layer)],
-            "sliding_window": cfg.sliding_window, "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+            "sliding_window": cfg.sliding_window,
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
             "final_logit_softcapping": None, "attn_logit_softcapping": None}
 
 
