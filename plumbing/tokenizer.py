@@ -179,6 +179,7 @@ class Tokenizer:
     # byte-level: the bytes that have a token, when not all do (SmolLM2 has none for 0x04 ...)
     spelled: bytes | None = None
     source: str = ""  # the tokenizer.json, for messages
+    usable: int = MAX_ID  # ids below this only: the model's embedding (check_vocab)
 
     def encode(self, text: str, first: bool = True) -> list[int]:
         """tokenizers' encode(text, add_special_tokens=False) with special-token strings kept as
@@ -215,7 +216,11 @@ class Tokenizer:
         if s not in self.enc.special_tokens_set:
             raise KeyError(f"tokenizer {self.name!r} has no special token {s!r}; it has "
                            f"{sorted(self.enc.special_tokens_set)}")
-        return self.enc.encode_single_token(s)
+        i = self.enc.encode_single_token(s)
+        if i >= self.usable:
+            raise ValueError(f"{self.source or self.name}: special token {s!r} has id {i}, past "
+                             f"the model's embedding of {self.usable}")
+        return i
 
     @property
     def vocab_size(self) -> int:
@@ -567,8 +572,15 @@ def load_tokenizer(ckpt_dir) -> Tokenizer:
 
 
 def check_vocab(tok: Tokenizer, vocab_size: int, where):
-    """A token id past the model's embedding would fail mid-run (or decode garbage): refuse it."""
-    if tok.vocab_size > vocab_size:
-        raise ValueError(f"{where}: the tokenizer has {tok.vocab_size} tokens but the model's "
+    """A token id past the model's embedding would fail mid-run (or decode garbage): refuse it,
+    but for special tokens that neither text, eos nor a beginning-of-text token becomes (Gemma 3's
+    <image_soft_token>, id 262,144, one past gemma-3-1b's embedding: only an image processor puts
+    it in); special() then refuses them, should a chat template ask for one."""
+    kept = {tok.eos_id, tok.bos_id, tok.chat_bos, *tok.added_ids.values()}
+    past = {tok.enc.encode_single_token(s) for s in tok.enc.special_tokens_set} - kept
+    top = max((i for i in range(vocab_size, tok.vocab_size) if i not in past), default=None)
+    if top is not None:
+        raise ValueError(f"{where}: the tokenizer has {top + 1} tokens but the model's "
                          f"embedding only {vocab_size} (use the tokenizer the model was made with)")
+    tok.usable = vocab_size
 

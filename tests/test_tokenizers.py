@@ -17,7 +17,7 @@ import pytest
 
 from data import Example, encode_example
 from plumbing.chat_templates import render_chat
-from plumbing.tokenizer import load_tokenizer, with_bos
+from plumbing.tokenizer import check_vocab, load_tokenizer, with_bos
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
@@ -255,6 +255,20 @@ def test_gemma3_added_tokens_and_byte_fallback(tmp_path):
     vocab = tj["model"]["vocab"]
     assert tok.encode("🐙") == [vocab[f"<0x{b:02X}>"] for b in "🐙".encode()] and tok.decode(tok.encode("🐙")) == "🐙"
     assert tok.enc.pieces[tok.encode("the fox")[-1]].startswith("▁")  # no "▁" first, one for each space
+
+
+def test_a_special_token_past_the_embedding_is_refused_only_when_used(tmp_path):
+    """Gemma 3's <image_soft_token> is one past gemma-3-1b's embedding: text never becomes it."""
+    folder = write(tmp_path, gemma3_json(), eos_token="<eos>", bos_token="<bos>",
+                   chat_template=(TEMPLATES / "gemma3.jinja").read_text())
+    tok = load_tokenizer(folder)
+    embedding = tok.special("<image_soft_token>")
+    check_vocab(tok, embedding, "ckpt")
+    assert max(render_chat([SYSTEM] + DIALOGUE, tok)) < embedding
+    with pytest.raises(ValueError, match="special token '<image_soft_token>' has id .*past the model's embedding"):
+        tok.special("<image_soft_token>")
+    with pytest.raises(ValueError, match="ckpt: the tokenizer has .* tokens but the model's embedding only"):
+        check_vocab(load_tokenizer(folder), embedding - 1, "ckpt")  # a non-special added token lies past it
 
 
 def test_byte_level_styles_round_trip_and_split_added_tokens(tmp_path):
