@@ -1,4 +1,4 @@
-"""The whole network in one file: a decoder for ten Hugging Face families, its KV cache, the
+"""The whole network in one file: a decoder for eleven Hugging Face families, its KV cache, the
 masked loss, and loading and saving weights in each family's safetensors layout.
 
 The base decoder is Llama's: rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention,
@@ -12,7 +12,8 @@ a family changes is a line in FAMILIES plus a few GPTConfig knobs read from its 
   smollm3:  no rotary on no_rope_layers. phi3: q/k/v and gate/up fused in the file.
   gemma:    embeddings x sqrt(d), RMSNorm by (1 + w), GELU-tanh gated MLP.
   olmo2:    RMSNorm on the whole q and k, and on each sublayer's output instead of its input.
-A sliding window is not implemented: where one applies, block_size stops at the window, over
+  gemma3_text: gemma's, norms on q/k heads and after each sublayer too, sliding local layers.
+Other families' sliding windows are not implemented: there block_size stops at the window, over
 which full attention is the same computation.
 
 from_pretrained and save_pretrained, at the end, are short: each family's config.json keys and
@@ -35,15 +36,17 @@ from plumbing.hf_families import (LIMITS, config_fields, config_problems, config
 # What each family fixes in the base decoder: norm "layer" (LayerNorm) or "rms_1p" (x (1 + w));
 # mlp "gelu_tanh", "gelu" (exact erf) or "geglu" (GELU-tanh gate) instead of "swiglu"; qk_norm
 # "head" (over each head) or "all" (over the whole projection); post_norm: normalise sublayer
-# outputs; embed_scale: embeddings x sqrt(n_embd); bias: biases on every linear layer.
-BASE = dict(norm="rms", mlp="swiglu", qk_norm=None, post_norm=False, embed_scale=False,
+# outputs, not inputs ("output") or both; embed_scale: embeddings x sqrt(n_embd); bias: all.
+BASE = dict(norm="rms", mlp="swiglu", qk_norm=None, post_norm=None, embed_scale=False,
             bias=False)
 FAMILIES = {"gpt2": dict(norm="layer", mlp="gelu_tanh", bias=True),
             "gpt_neox": dict(norm="layer", mlp="gelu", bias=True),
             "llama": {}, "mistral": {}, "qwen2": {}, "smollm3": {}, "phi3": {},
             "qwen3": dict(qk_norm="head"),
             "gemma": dict(norm="rms_1p", mlp="geglu", embed_scale=True),
-            "olmo2": dict(qk_norm="all", post_norm=True)}
+            "olmo2": dict(qk_norm="all", post_norm="output"),
+            "gemma3_text": dict(norm="rms_1p", mlp="geglu", embed_scale=True, qk_norm="head",
+                                post_norm="both")}
 ROPE_SCALING = {"linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                            "original_max_position_embeddings")}
@@ -66,6 +69,10 @@ class GPTConfig:
     rope_scaling: dict | None = None  # {"rope_type": "llama3" or "linear", its ROPE_SCALING keys}
     rotary_pct: float = 1.0         # gpt_neox, phi3: rotary on the first part of each head only
     no_rope_layers: tuple = ()      # smollm3: layers without rotary positions
+    sliding_layers: tuple = ()      # gemma3_text: local layers, which read the last
+    sliding_window: int | None = None  # sliding_window tokens, rotated by local_rope_theta
+    local_rope_theta: float = 10000.0  # (no rope_scaling)
+    query_pre_attn_scalar: float | None = None  # gemma3_text: softmax scale 1/sqrt(this)
     parallel_residual: bool | None = None  # gpt_neox: x + attn(ln_1(x)) + mlp(ln_2(x))
     bias: bool | None = None        # biases on every linear layer: the family's (FAMILIES)
     attn_bias: bool | None = None   # biases on q, k, v and the attention output (qwen3 may)
@@ -77,7 +84,7 @@ class GPTConfig:
     norm: str = field(init=False)
     mlp: str = field(init=False)
     qk_norm: str | None = field(init=False)
-    post_norm: bool = field(init=False)
+    post_norm: str | None = field(init=False)
     embed_scale: bool = field(init=False)
     qkv_bias: bool = field(init=False)  # qwen2: biases on q, k and v only
 
@@ -97,7 +104,10 @@ class GPTConfig:
         self.qkv_bias = self.attn_bias or self.arch == "qwen2"
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
-        self.no_rope_layers = tuple(self.no_rope_layers)
+        self.no_rope_layers, self.sliding_layers = map(tuple, (self.no_rope_layers,
+                                                               self.sliding_layers))
+        if self.arch == "gemma3_text":  # transformers' default: the head size
+            self.query_pre_attn_scalar = self.query_pre_attn_scalar or self.head_dim
         if self.parallel_residual is None:
             self.parallel_residual = self.arch == "gpt_neox"
         self.n_inner = self.n_inner or 4 * self.n_embd
@@ -143,11 +153,12 @@ def apply_rotary(x, cos, sin):
     return rotated if rest.shape[-1] == 0 else torch.cat((rotated, rest), dim=-1)
 
 
-def rope_tables(cfg: GPTConfig):
-    """cos and sin of every position's rotary angles, (block_size, rotary_dim), in fp32."""
-    dim = cfg.rotary_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
-    scaling = cfg.rope_scaling or {"rope_type": "default"}
+def rope_tables(cfg: GPTConfig, local: bool = False):
+    """cos and sin of every position's rotary angles, (block_size, rotary_dim), in fp32; local:
+    those of gemma3_text's local layers."""
+    dim, theta = cfg.rotary_dim, cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+    scaling = (None if local else cfg.rope_scaling) or {"rope_type": "default"}
     if scaling["rope_type"] == "linear":  # positions divided by factor
         inv_freq = inv_freq / scaling["factor"]
     elif scaling["rope_type"] == "llama3":  # Llama-3.1: slow the long wavelengths by factor,
@@ -159,6 +170,16 @@ def rope_tables(cfg: GPTConfig):
     freqs = torch.outer(torch.arange(cfg.block_size, device="cpu").float(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
+def band(mask, q, window: int):
+    """Of the key columns each query of q may read (mask; None: causal), the last `window`: they
+    are consecutive up to its own, so column j is in it when column j + window is not readable."""
+    if mask is None:
+        mask = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
+    ahead = torch.zeros_like(mask)
+    ahead[..., :-window] = mask[..., window:]
+    return mask & ~ahead
 
 
 class GemmaRMSNorm(nn.RMSNorm):
@@ -193,6 +214,8 @@ class Attention(nn.Module):
             self.q_norm = make_norm(cfg, cfg.head_dim if head else q)
             self.k_norm = make_norm(cfg, cfg.head_dim if head else kv)
         self.rotary = layer not in cfg.no_rope_layers  # smollm3: some layers have no positions
+        self.window = cfg.sliding_window if layer in cfg.sliding_layers else None  # gemma3_text
+        self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
 
     def forward(self, x, rope, mask, cache):
         cfg = self.cfg
@@ -210,15 +233,16 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:  # the mask covers the columns written so far
             k, v = cache.update(self.layer, k, v)
-        gqa = cfg.n_kv_head != cfg.n_head
-        dropout = cfg.dropout if self.training else 0.0
+        if self.window:  # a local layer reads the last `window` of the columns it may read
+            mask = band(mask, q, self.window)
+        kw = dict(dropout_p=cfg.dropout if self.training else 0.0, scale=self.scale,
+                  enable_gqa=cfg.n_kv_head != cfg.n_head)
         # training and scoring: plain causal attention (right padding never leaks backwards)
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                               enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         else:
             y = F.scaled_dot_product_attention(q.to(k.dtype), k, v.to(k.dtype), attn_mask=mask,
-                                               dropout_p=dropout, enable_gqa=gqa)
+                                               **kw)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
@@ -250,9 +274,14 @@ class Block(nn.Module):
         self.cfg = cfg
         self.ln_1, self.attn = make_norm(cfg), Attention(cfg, layer)
         self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
+        if cfg.post_norm == "both":
+            self.post_1, self.post_2 = make_norm(cfg), make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, cache):
+        if self.cfg.post_norm == "both":  # gemma3_text: each sublayer's input and output
+            x = x + self.drop(self.post_1(self.attn(self.ln_1(x), rope, mask, cache)))
+            return x + self.drop(self.post_2(self.mlp(self.ln_2(x))))
         if self.cfg.post_norm:  # olmo2: each sublayer's output is normalised, not its input
             x = x + self.drop(self.ln_1(self.attn(x, rope, mask, cache)))
             return x + self.drop(self.ln_2(self.mlp(x)))
@@ -271,9 +300,7 @@ class GPT(nn.Module):
         if cfg.arch == "gpt2":
             self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         else:
-            cos, sin = rope_tables(cfg)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.build_rope()
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
@@ -292,6 +319,12 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def build_rope(self):
+        """The rope tables (cos | sin), not saved: rope, and local (gemma3_text's local layers)."""
+        for name in ("rope", "local") if self.config.sliding_layers else ("rope",):
+            tables = torch.stack(rope_tables(self.config, local=name == "local"))
+            self.register_buffer(name, tables, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -333,18 +366,17 @@ class GPT(nn.Module):
         rope, dtype = None, autocast_dtype(x.device.type, x.dtype)  # fp32 tables would promote q, k
         if self.config.arch == "gpt2":
             x = x + (self.wpe(pos) if pos is not None else self.wpe.weight[:T])
-        elif pos is None:  # every row starts at 0: one table broadcast over the batch
-            rope = (self.rope_cos[:T].to(dtype), self.rope_sin[:T].to(dtype))
-        else:
-            rope = (self.rope_cos[pos].unsqueeze(1).to(dtype),
-                    self.rope_sin[pos].unsqueeze(1).to(dtype))
+        else:  # each token's pos, or 0..T-1 for every row: one table broadcast over the batch
+            rope, local = ((t[:, :T] if pos is None else t[:, pos].unsqueeze(2)).to(dtype).unbind()
+                           for t in (self.rope, getattr(self, "local", self.rope)))
         x = self.drop(x)
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.h:
+        for i, block in enumerate(self.h):
+            r = local if i in self.config.sliding_layers else rope
             if recompute:  # the RNG state is saved with the input, so dropout masks repeat exactly
-                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+                x = checkpoint(block, x, r, mask, cache, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache)
+                x = block(x, r, mask, cache)
         if cache is not None:
             cache.filled += T
         return self.ln_f(x)
@@ -421,7 +453,7 @@ def from_pretrained(path, dtype=torch.float32, device="cpu") -> GPT:
     if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
     if cfg.arch != "gpt2":  # non-persistent buffers were created on meta: build them for real
-        model.rope_cos, model.rope_sin = rope_tables(cfg)
+        model.build_rope()
     return model.to(device)
 
 

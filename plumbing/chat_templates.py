@@ -32,6 +32,8 @@ TEMPLATE_MARKS = [
     ("zephyr", ["'<|user|>\n' + message['content'] + eos_token", "'<|assistant|>'"]),
     ("gemma", ["'<start_of_turn>' + role + '\n' + message['content'] | trim + "
                "'<end_of_turn>\n'", "'<start_of_turn>model\n'"]),
+    ("gemma", ["'<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else",
+               "messages[0]['content'] + '\n\n'", "'<start_of_turn>model\n'"]),  # Gemma 3
     ("phi3.5", ["message['role'] == 'system' and message['content'] %}{{'<|system|>\n'",
                 "'<|user|>\n' + message['content'] + '<|end|>\n'"]),
     ("phi3", ["{{'<|system|>\n' + message['content'] + '<|end|>\n'}}",
@@ -90,10 +92,11 @@ def _tag(s: str, tok: Tokenizer):
 
 
 def _need_bos(tok: Tokenizer) -> int:
-    if tok.bos_id is None:
+    if tok.chat_bos is None:
         raise ValueError(f"tokenizer {tok.name!r}: its chat template starts with bos_token, but "
-                         "its post_processor names no beginning-of-text token")
-    return tok.bos_id
+                         "neither tokenizer_config.json's bos_token nor its post_processor names "
+                         "a beginning-of-text token")
+    return tok.chat_bos
 
 
 def _alternating(turns: list[dict]) -> tuple[str | None, list[dict]]:
@@ -154,8 +157,8 @@ def _zephyr(turns, tok):
 
 
 def _gemma(turns, tok):
-    # Gemma 2's template refuses a system turn; as Gemma 3's does, its text and a blank line go
-    # before the first user turn's
+    # Gemma 3's template puts a system turn's text (untrimmed) and a blank line before the first
+    # user turn's; Gemma 2's refuses one, and gets Gemma 3's way here
     system, rest = _alternating(turns)
     start, end = tok.special("<start_of_turn>"), tok.special("<end_of_turn>")
     parts = [_need_bos(tok)]

@@ -1,4 +1,4 @@
-"""The Hugging Face layouts of the ten families: config.json keys and weight names, both ways.
+"""The Hugging Face layouts of the eleven families: config.json keys and weight names, both ways.
 A reader of the paper can skip this file: model.py's from_pretrained and save_pretrained call it.
 
 - config.json -> the fields of model.GPTConfig (config_fields; model.checked_config holds them
@@ -57,6 +57,12 @@ def config_problems(cfg, traits: dict, rope_types: dict) -> list[str]:
         problems.append("no_rope_layers are smollm3's, layer numbers below n_layer")
     if cfg.parallel_residual and arch != "gpt_neox":
         problems.append("parallel_residual is gpt_neox's only")
+    if cfg.sliding_layers and (arch != "gemma3_text" or cfg.sliding_window is None or not all(
+            is_int(i) and 0 <= i < cfg.n_layer for i in cfg.sliding_layers)):
+        problems.append("sliding_layers are gemma3_text's, layer numbers below n_layer, and need "
+                        "a sliding_window")
+    if cfg.query_pre_attn_scalar is not None and arch != "gemma3_text":
+        problems.append("query_pre_attn_scalar is gemma3_text's only")
     return problems + rope_scaling_problems(cfg.rope_scaling, rope_types)
 
 
@@ -84,12 +90,15 @@ LIMITS = {"vocab_size": (int, 1, 1 << 20), "block_size": (int, 1, 1 << 18),
           "norm_eps": (float, 0.0, 1.0), "rope_theta": (float, 1.0, 1e12),
           "rotary_pct": (float, 0.0, 1.0), "dropout": (float, 0.0, 1.0),
           "bias": (bool, None, None), "attn_bias": (bool, None, None),
-          "parallel_residual": (bool, None, None), "tie_embeddings": (bool, None, None)}
+          "parallel_residual": (bool, None, None), "tie_embeddings": (bool, None, None),
+          "sliding_window": (int, 1, 1 << 24), "local_rope_theta": (float, 1.0, 1e12),
+          "query_pre_attn_scalar": (float, 1e-6, 1e9)}
 ROPE_LIMITS = {"factor": (float, 1e-3, 1e6), "low_freq_factor": (float, 0.0, 1e6),
                "high_freq_factor": (float, 0.0, 1e6),
                "original_max_position_embeddings": (int, 1, 1 << 24)}
 HIDDEN_ACT = {"gpt_neox": ("gelu",),  # exact erf
-              "gemma": ("gelu_pytorch_tanh", "gelu")}  # transformers reads gemma's "gelu" as tanh
+              "gemma": ("gelu_pytorch_tanh", "gelu"),  # transformers reads gemma's "gelu" as tanh
+              "gemma3_text": ("gelu_pytorch_tanh",)}  # ... but gemma3's as the exact one
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 SLIDING = ("mistral", "phi3", "qwen2", "qwen3", "smollm3")  # families with a sliding_window key
 
@@ -128,7 +137,10 @@ def config_fields(hf: dict, where: str, families, rope_types: dict) -> tuple[dic
     if kind not in families:
         raise ValueError(f"{where}: model_type {kind!r} is not supported ({', '.join(families)})")
     refuse_unsupported(hf, kind, where)
-    theta, pct, scaling = rope_from_hf(hf, kind, where, names, rope_types)
+    if kind == "gemma3_text":  # its rope_parameters are one object per kind of layer
+        theta, pct, scaling, local = gemma3_rope(hf, where, names, rope_types)
+    else:
+        theta, pct, scaling = rope_from_hf(hf, kind, where, names, rope_types)
     fields = dict(arch=kind, vocab_size=need("vocab_size"),
                   block_size=window_cap(hf, kind, need("max_position_embeddings", "block_size"),
                                         names),
@@ -138,7 +150,7 @@ def config_fields(hf: dict, where: str, families, rope_types: dict) -> tuple[dic
                   n_inner=need("intermediate_size", "n_inner"),
                   rope_theta=theta, rotary_pct=pct, rope_scaling=scaling,
                   tie_embeddings=need("tie_word_embeddings", "tie_embeddings",
-                                      kind in ("gemma", "smollm3")), token_ids=ids)
+                                      kind in ("gemma", "smollm3", "gemma3_text")), token_ids=ids)
     if kind == "gpt_neox":
         fields.update(norm_eps=need("layer_norm_eps", "norm_eps", 1e-5),
                       parallel_residual=need("use_parallel_residual", "parallel_residual", True))
@@ -150,20 +162,26 @@ def config_fields(hf: dict, where: str, families, rope_types: dict) -> tuple[dic
         fields["attn_bias"] = need("attention_bias", "attn_bias", False)
     if kind == "smollm3":
         fields["no_rope_layers"] = no_rope_from_hf(hf, where)
+    if kind == "gemma3_text":
+        fields.update(local_rope_theta=local, sliding_layers=sliding_from_hf(hf, where),
+                      sliding_window=need("sliding_window", default=None),
+                      query_pre_attn_scalar=need("query_pre_attn_scalar", default=256))
     return fields, names
 
 
 def refuse_unsupported(hf: dict, kind: str, where: str):
     """A feature this model does not have is a one-line ValueError naming its config.json key."""
     acts = HIDDEN_ACT.get(kind, ("silu",))
-    if hf.get("hidden_act", acts[0]) not in acts:
-        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported for {kind} "
+    act = "hidden_activation" if kind == "gemma3_text" else "hidden_act"
+    if hf.get(act, acts[0]) not in acts:
+        raise ValueError(f"{where}: {act} {hf[act]!r} is not supported for {kind} "
                          f"(expected {acts[0]!r})")
     bias = kind == "gpt_neox"  # the one family whose attention has biases by default
     if kind != "qwen3" and hf.get("attention_bias", bias) != bias:
         raise ValueError(f"{where}: attention_bias {hf['attention_bias']} is not supported for "
                          f"{kind}")
-    for key in ("mlp_bias", "use_bidirectional_attention"):
+    for key in ("mlp_bias", "use_bidirectional_attention", "final_logit_softcapping",
+                "attn_logit_softcapping"):
         if hf.get(key):
             raise ValueError(f"{where}: {key} {hf[key]} is not supported for {kind}")
 
@@ -213,6 +231,42 @@ def rope_from_hf(hf: dict, kind: str, where: str, names: dict, rope_types: dict)
     return theta, pct, scaling
 
 
+def gemma3_rope(hf: dict, where: str, names: dict, rope_types: dict):
+    """gemma3_text's (rope_theta, rotary_pct, rope_scaling) of its global layers and the rope base
+    of its local ones: rope_parameters {"full_attention": ..., "sliding_attention": ...}
+    (transformers 5), or rope_theta, rope_scaling and rope_local_base_freq (4.x)."""
+    params = hf.get("rope_parameters") or {}
+    if not isinstance(params, dict) or not set(params) <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"{where}: rope_parameters must be an object with full_attention and "
+                         "sliding_attention")
+    full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    flat = {**hf, "rope_parameters": full, "rope_theta": hf.get("rope_theta", 1e6)}
+    theta, pct, scaling = rope_from_hf(flat, "gemma3_text", where, names, rope_types)
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"{where}: rope_parameters.sliding_attention.rope_type "
+                         f"{local['rope_type']!r} is not supported (default)")
+    if local.get("rope_theta") is not None:
+        names["local_rope_theta"] = "rope_parameters.sliding_attention.rope_theta"
+        return theta, pct, scaling, local["rope_theta"]
+    names["local_rope_theta"] = "rope_local_base_freq"
+    return theta, pct, scaling, hf.get("rope_local_base_freq", 10000.0)
+
+
+def sliding_from_hf(hf: dict, where: str) -> tuple:
+    """gemma3_text's local layers: layer_types, or every layer but each sliding_window_pattern-th
+    (transformers' default, 6)."""
+    n, kinds = hf.get("num_hidden_layers"), hf.get("layer_types")
+    if kinds is None and is_int(n):
+        every = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        kinds = [("sliding_attention" if (i + 1) % every else "full_attention") for i in range(n)] \
+            if is_int(every) and every > 0 else None
+    if not isinstance(kinds, list) or len(kinds) != n or \
+            any(k not in ("sliding_attention", "full_attention") for k in kinds):
+        raise ValueError(f"{where}: layer_types must list sliding_attention or full_attention "
+                         "for each of the num_hidden_layers")
+    return tuple(i for i, k in enumerate(kinds) if k == "sliding_attention")
+
+
 def window_cap(hf: dict, kind: str, block, names: dict):
     """block_size, or the sliding window where one applies and is shorter: full attention is
     sliding-window attention on sequences up to the window. qwen2, qwen3 and smollm3 slide only
@@ -244,7 +298,8 @@ HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
                     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                    "gemma": "GemmaForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+                    "gemma": "GemmaForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                    "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def config_to_hf(cfg) -> dict:
@@ -275,10 +330,12 @@ def config_to_hf(cfg) -> dict:
                 "use_parallel_residual": cfg.parallel_residual, "rotary_pct": cfg.rotary_pct,
                 "rotary_emb_base": cfg.rope_theta, "attention_bias": True,
                 "hidden_dropout": cfg.dropout}
+    gelu = cfg.arch in ("gemma", "gemma3_text")
     out.update(num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-               rms_norm_eps=cfg.norm_eps,
-               hidden_act="gelu_pytorch_tanh" if cfg.arch == "gemma" else "silu")
-    if cfg.arch in ("llama", "qwen3", "smollm3", "gemma", "olmo2"):
+               rms_norm_eps=cfg.norm_eps, hidden_act="gelu_pytorch_tanh" if gelu else "silu")
+    if cfg.arch == "gemma3_text":
+        out.update(_gemma3_to_hf(cfg, rope))
+    if cfg.arch in ("llama", "qwen3", "smollm3", "gemma", "olmo2", "gemma3_text"):
         out["attention_bias"] = cfg.attn_bias
     if cfg.arch in ("llama", "smollm3"):
         out["mlp_bias"] = False
@@ -292,6 +349,19 @@ def config_to_hf(cfg) -> dict:
         out["original_max_position_embeddings"] = cfg.block_size
         out["partial_rotary_factor"] = cfg.rotary_pct  # where transformers 4.x reads it
     return out
+
+
+def _gemma3_to_hf(cfg, rope: dict) -> dict:
+    """gemma3_text's own keys: rope_parameters per kind of layer (transformers 5) and the older
+    rope_local_base_freq, the layer kinds, the window and the softmax scale."""
+    local = {"rope_type": "default", "rope_theta": cfg.local_rope_theta}
+    return {"rope_parameters": {"full_attention": rope, "sliding_attention": local},
+            "rope_local_base_freq": cfg.local_rope_theta, "hidden_activation": "gelu_pytorch_tanh",
+            "layer_types": ["sliding_attention" if i in cfg.sliding_layers else "full_attention"
+                            for i in range(cfg.n_layer)],
+            "sliding_window": cfg.sliding_window,
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+            "final_logit_softcapping": None, "attn_logit_softcapping": None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,13 +427,16 @@ def _gpt2_layout(cfg):
 
 
 def _llama_layout(cfg):
-    """llama, mistral, qwen2, qwen3, smollm3, phi3, gemma and olmo2: the same names but for phi3's
-    fused projections, qwen3's and olmo2's q/k norms and olmo2's norms after the sublayers."""
+    """llama, mistral, qwen2, qwen3, smollm3, phi3, gemma, olmo2 and gemma3_text: the same names
+    but for phi3's fused projections, the q/k norms (qwen3, olmo2, gemma3_text) and the norms
+    after the sublayers (olmo2's instead of before, gemma3_text's as well)."""
     d, hd, inner = cfg.n_embd, cfg.head_dim, cfg.n_inner
     q, kv = cfg.n_head * hd, cfg.n_kv_head * hd
     fused = cfg.arch == "phi3"
-    norms = (("post_attention_layernorm", "post_feedforward_layernorm") if cfg.post_norm
-             else ("input_layernorm", "post_attention_layernorm"))
+    norms = {None: ("input_layernorm", "post_attention_layernorm"),  # ln_1, ln_2 (and post_1, 2)
+             "output": ("post_attention_layernorm", "post_feedforward_layernorm"),
+             "both": ("input_layernorm", "pre_feedforward_layernorm", "post_attention_layernorm",
+                      "post_feedforward_layernorm")}[cfg.post_norm]
     out = [("wte.weight", [("model.embed_tokens.weight", (cfg.vocab_size, d))], "")]
     for i in range(cfg.n_layer):
         p, h = f"model.layers.{i}.", f"h.{i}."
@@ -380,6 +453,8 @@ def _llama_layout(cfg):
             out += [(h + "attn.q_norm.weight", [(a + "q_norm.weight", (hd if head else q,))], ""),
                     (h + "attn.k_norm.weight", [(a + "k_norm.weight", (hd if head else kv,))], "")]
         out += [(h + "ln_2.weight", [(p + norms[1] + ".weight", (d,))], "")]
+        out += [(f"{h}post_{j}.weight", [(p + name + ".weight", (d,))], "")
+                for j, name in enumerate(norms[2:], 1)]
         out += _linear(h + "mlp.c_fc", gate_up, d, False)
         out += _linear(h + "mlp.c_proj", [(m + "down_proj", d)], inner, False)
     return out + [("ln_f.weight", [("model.norm.weight", (d,))], "")]

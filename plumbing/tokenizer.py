@@ -2,11 +2,11 @@
 and back (Tokenizer.encode, decode) with an end-of-text id (eos_id).
 
 Byte-level BPE (GPT-2, SmolLM2, Qwen2, Llama-3, GPT-NeoX) is a tiktoken.Encoding;
-SentencePiece-style BPE with byte fallback (Mistral-7B, Llama-2), which tiktoken cannot express,
-is a small BPE in plain Python (SentencePiece below). Around either, as the tokenizers library
-does: the tokenizer.json's normalizer (NFC, or Prepend/Replace of "▁"), its non-special added
-tokens (GPT-NeoX's "  ", split out of the text before BPE), and the beginning-of-text token its
-post-processor puts first (Tokenizer.bos_id). Also our own two: the byte tokenizer and GPT-2's
+SentencePiece-style BPE with byte fallback (Mistral-7B, Llama-2, Gemma 3), which tiktoken cannot
+express, is a small BPE in plain Python (SentencePiece below). Around either, as the tokenizers
+library does: the tokenizer.json's normalizer (NFC, or Prepend/Replace of "▁"), its non-special
+added tokens (GPT-NeoX's "  ", split out of the text before BPE), and the beginning-of-text token
+its post-processor puts first (Tokenizer.bos_id). Also our own two: the byte tokenizer and GPT-2's
 r50k_base.
 """
 from __future__ import annotations
@@ -52,6 +52,7 @@ class SentencePiece:
     # Where no merge can join the characters on both sides: a split there changes nothing, so
     # BPE runs (and is cached) per word instead of per text.
     boundary: re.Pattern | None
+    split: re.Pattern | None = None  # a Split pre-tokenizer on a string (Gemma's, on " ")
     cache: dict = field(default_factory=dict)
 
     def encode(self, text: str, first: bool = True) -> list[int]:
@@ -62,7 +63,7 @@ class SentencePiece:
                 text = "▁" + text
             words = re.split(r"(?=▁)", text) if split else [text]
         else:
-            words = [text]
+            words = [w for w in self.split.split(text) if w] if self.split else [text]
         ids = []
         for word in words:
             if self.ignore_merges and word in self.vocab:
@@ -166,6 +167,9 @@ class Tokenizer:
     chat: str | None  # a CHAT_STYLES key, or None (no template: zephyr-style text)
     name: str  # "bytes", "r50k_base" or "tokenizer.json"
     bos_id: int | None = None  # put first by the post-processor (Mistral <s>, Llama-3)
+    # what a chat template's bos_token is: tokenizer_config.json's, else bos_id (the first
+    # Llama-3 release has no post-processor to name it)
+    chat_bos: int | None = None
     normalizer: tuple = ()  # tokenizer.json normalizer steps, applied between added tokens
     raw_added: re.Pattern | None = None  # non-special added tokens matched before normalizing
     norm_added: re.Pattern | None = None  # ... and those matched after
@@ -175,6 +179,7 @@ class Tokenizer:
     # byte-level: the bytes that have a token, when not all do (SmolLM2 has none for 0x04 ...)
     spelled: bytes | None = None
     source: str = ""  # the tokenizer.json, for messages
+    usable: int = MAX_ID  # ids below this only: the model's embedding (check_vocab)
 
     def encode(self, text: str, first: bool = True) -> list[int]:
         """tokenizers' encode(text, add_special_tokens=False) with special-token strings kept as
@@ -211,7 +216,11 @@ class Tokenizer:
         if s not in self.enc.special_tokens_set:
             raise KeyError(f"tokenizer {self.name!r} has no special token {s!r}; it has "
                            f"{sorted(self.enc.special_tokens_set)}")
-        return self.enc.encode_single_token(s)
+        i = self.enc.encode_single_token(s)
+        if i >= self.usable:
+            raise ValueError(f"{self.source or self.name}: special token {s!r} has id {i}, past "
+                             f"the model's embedding of {self.usable}")
+        return i
 
     @property
     def vocab_size(self) -> int:
@@ -393,6 +402,11 @@ def _byte_level(tj: dict, vocab: dict, added: dict, path: Path) -> tiktoken.Enco
         raise ValueError(f"{path}: tiktoken refuses it ({' '.join(str(e).split())})") from None
 
 
+# a Split pre-tokenizer's behaviors, as the re.split pattern of the escaped string
+SPLIT_BEHAVIORS = {"MergedWithPrevious": "(?<={})", "MergedWithNext": "(?={})",
+                   "Isolated": "({})"}
+
+
 def _sentencepiece(tj: dict, vocab: dict, added: dict, path: Path) -> SentencePiece:
     model = tj["model"]
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
@@ -410,11 +424,19 @@ def _sentencepiece(tj: dict, vocab: dict, added: dict, path: Path) -> SentencePi
                              "(not supported)")
         ranks.setdefault(tuple(m), r)
     pre = _steps(tj.get("pre_tokenizer"), "pretokenizers")
-    if any(s.get("type") != "Metaspace" or s.get("replacement", "▁") != "▁" for s in pre) \
-            or len(pre) > 1:
+    metaspace = split = None
+    if len(pre) == 1 and pre[0].get("type") == "Metaspace" and \
+            pre[0].get("replacement", "▁") == "▁":
+        metaspace = (_prepend_scheme(pre[0]), pre[0].get("split", True))
+    elif len(pre) == 1 and pre[0].get("type") == "Split" and not pre[0].get("invert") and \
+            isinstance(pre[0].get("pattern", {}).get("String"), str) and \
+            pre[0].get("behavior") in SPLIT_BEHAVIORS:
+        split = re.compile(SPLIT_BEHAVIORS[pre[0]["behavior"]].format(
+            re.escape(pre[0]["pattern"]["String"])))
+    elif pre:
         raise ValueError(f"{path}: unsupported pre_tokenizer {tj.get('pre_tokenizer')} for a "
-                         "SentencePiece-style BPE (expected none or Metaspace)")
-    metaspace = (_prepend_scheme(pre[0]), pre[0].get("split", True)) if pre else None
+                         "SentencePiece-style BPE (expected none, Metaspace, or a Split on a "
+                         f"string, {', '.join(SPLIT_BEHAVIORS)})")
     unk = model.get("unk_token")
     if unk is not None and unk not in vocab:
         raise ValueError(f"{path}: unk_token {unk!r} is not in the vocabulary")
@@ -427,7 +449,7 @@ def _sentencepiece(tj: dict, vocab: dict, added: dict, path: Path) -> SentencePi
                          {c: t["id"] for c, t in added.items()}, metaspace,
                          _decoder(tj.get("decoder"), path), vocab.get(unk),
                          bool(model.get("byte_fallback")), bool(model.get("ignore_merges")),
-                         boundary)
+                         boundary, split)
 
 
 def _bos(post: dict | None, added: dict, path: Path) -> int | None:
@@ -516,6 +538,9 @@ def _with_template(tok: Tokenizer, folder: Path, path: Path, added: dict) -> Tok
                         "")
     eos = cfg.get("eos_token") or "<|endoftext|>"
     eos = eos["content"] if isinstance(eos, dict) else eos
+    bos = cfg.get("bos_token")
+    bos = bos["content"] if isinstance(bos, dict) else bos
+    tok.chat_bos = added[bos]["id"] if isinstance(bos, str) and bos in added else tok.bos_id
     if template:
         tok.chat = chat_style(str(template))
         tok.bad_template = "" if tok.chat else str(source)
@@ -547,8 +572,15 @@ def load_tokenizer(ckpt_dir) -> Tokenizer:
 
 
 def check_vocab(tok: Tokenizer, vocab_size: int, where):
-    """A token id past the model's embedding would fail mid-run (or decode garbage): refuse it."""
-    if tok.vocab_size > vocab_size:
-        raise ValueError(f"{where}: the tokenizer has {tok.vocab_size} tokens but the model's "
+    """A token id past the model's embedding would fail mid-run (or decode garbage): refuse it,
+    but for special tokens that neither text, eos nor a beginning-of-text token becomes (Gemma 3's
+    <image_soft_token>, id 262,144, one past gemma-3-1b's embedding: only an image processor puts
+    it in); special() then refuses them, should a chat template ask for one."""
+    kept = {tok.eos_id, tok.bos_id, tok.chat_bos, *tok.added_ids.values()}
+    past = {tok.enc.encode_single_token(s) for s in tok.enc.special_tokens_set} - kept
+    top = max((i for i in range(vocab_size, tok.vocab_size) if i not in past), default=None)
+    if top is not None:
+        raise ValueError(f"{where}: the tokenizer has {top + 1} tokens but the model's "
                          f"embedding only {vocab_size} (use the tokenizer the model was made with)")
+    tok.usable = vocab_size
 

@@ -20,6 +20,8 @@ FAMILIES = ["gpt2", "llama_gqa", "llama_tied"]
 # config class with every size small
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=16)  # short: the scaling changes positions < 64
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}
 NEW_FAMILIES = {
     "gpt_neox": ("GPTNeoX", dict(hidden_size=64, num_attention_heads=4, intermediate_size=96, rotary_pct=0.25,
                                  rotary_emb_base=1000, use_parallel_residual=True, tie_word_embeddings=False)),
@@ -49,6 +51,12 @@ NEW_FAMILIES = {
                             intermediate_size=80, tie_word_embeddings=True)),
     "olmo2": ("Olmo2", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
                             tie_word_embeddings=False)),
+    # a window of 4 on the local layer, shorter than the 17 tokens of the logits test and the prompts + new
+    # tokens of generation; each rope base, the linear scaling and the softmax scale away from the defaults
+    "gemma3_text": ("Gemma3Text", dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       intermediate_size=80, sliding_window=4, query_pre_attn_scalar=24,
+                                       layer_types=["sliding_attention", "full_attention"],
+                                       rope_parameters=GEMMA3_ROPE, tie_word_embeddings=True)),
 }
 
 
@@ -69,7 +77,7 @@ def hf_model(name: str):
     elif name in NEW_FAMILIES:
         kind, kwargs = NEW_FAMILIES[name]
         config = getattr(tf, kind + "Config")(num_hidden_layers=2, max_position_embeddings=64, **kwargs, **common)
-        model = getattr(tf, kind + "ForCausalLM")(config)
+        model = getattr(tf, kind.removesuffix("Text") + "ForCausalLM")(config)
     else:
         raise KeyError(name)
     with torch.no_grad():  # norms start at 1 and biases at 0: perturb them so they are exercised too

@@ -3,7 +3,8 @@ transformers' apply_chat_template, and the hub-cache rule of plumbing.checks.ins
 
 The tokenizer.json files are trained here, offline, with the tokenizers library (tiny vocabularies
 in the shape of the real ones: Mistral-7B-v0.1's SentencePiece BPE in both its forms, Qwen2's NFC
-byte-level BPE, GPT-NeoX's added whitespace tokens, Llama-3's beginning-of-text post-processor);
+byte-level BPE, GPT-NeoX's added whitespace tokens, Llama-3's beginning-of-text post-processor and
+the first Llama-3 release's lack of one, Gemma 3's Split pre-tokenizer and added tokens);
 the chat templates are the real ones, stored in tests/chat_templates/.
 """
 import json
@@ -16,7 +17,7 @@ import pytest
 
 from data import Example, encode_example
 from plumbing.chat_templates import render_chat
-from plumbing.tokenizer import load_tokenizer, with_bos
+from plumbing.tokenizer import check_vocab, load_tokenizer, with_bos
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
@@ -119,6 +120,48 @@ def byte_level_json(style: str, specials=("<|endoftext|>", "<|im_start|>", "<|im
     return json.loads(hf.to_str())
 
 
+GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
+                   "<start_of_image>", "<end_of_image>"]
+# Gemma 3's added tokens that are not special: matched in the raw text before BPE, as runs of newlines,
+# of "▁" and of tabs, and HTML tags are in its tokenizer.json
+GEMMA3_PLAIN = ["\n\n", "\n\n\n", "▁▁", "\t\t", "<h1>"]
+
+
+def gemma3_json() -> dict:
+    """Gemma 3's tokenizer.json shape (transformers' GemmaConverter): a BPE with byte fallback and no
+    "▁" put first, a normalizer that makes spaces "▁", a Split on " " merged with the piece before (so a
+    no-op after that normalizer, but a step tokenizers runs), <bos> put first by the post-processor; its
+    specials in Gemma's order (pad 0, eos 1, bos 2, unk 3), non-special added tokens, and
+    <image_soft_token> after the whole vocabulary, as at 262,144 in Gemma 3's."""
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # pieces start at a "▁", as SentencePiece's
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=GEMMA3_SPECIALS, limit_alphabet=40, show_progress=False)
+    hf.train_from_iterator(CORPUS, trainer)
+    tj = json.loads(hf.to_str())
+    vocab = tj["model"]["vocab"]
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    tj["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    tj["pre_tokenizer"] = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                           "invert": False}
+    tj["decoder"] = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                                                      {"type": "ByteFallback"}, {"type": "Fuse"}]}
+    tj["post_processor"] = json.loads(processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]).__getstate__())
+    hf = tokenizers.Tokenizer.from_str(json.dumps(tj))
+    hf.add_tokens([AddedToken(t, normalized=False, special=False) for t in GEMMA3_PLAIN])
+    hf.add_special_tokens([AddedToken("<image_soft_token>", normalized=False, special=True)])
+    return json.loads(hf.to_str())
+
+
+def llama3_first_release_json() -> dict:
+    """The first Llama-3 release's tokenizer.json: as Llama-3's, but a post-processor of ByteLevel alone,
+    which puts no <|begin_of_text|> first (tokenizer_config.json's bos_token names it)."""
+    tj = byte_level_json("llama3", LLAMA3_SPECIALS)
+    tj["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    return tj
+
+
 def sentencepiece_model(tmp_path: Path):
     """A BPE trained by sentencepiece itself (byte fallback, digits split, as Mistral's and
     Llama-2's), converted to tokenizer.json in Mistral-7B-v0.1's form: the vocabulary and ids as
@@ -163,7 +206,10 @@ STYLES = {
     "byte-level-neox": lambda: byte_level_json("neox", ("<|endoftext|>", "<|padding|>")),
     "byte-level-llama3-bos": lambda: byte_level_json("llama3", ("<|begin_of_text|>", "<|end_of_text|>",
                                                                 "<|eot_id|>")),
+    "byte-level-llama3-first-release": lambda: llama3_first_release_json(),
+    "sentencepiece-gemma3": gemma3_json,
 }
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
 def write(folder: Path, tj: dict, **config) -> Path:
@@ -185,14 +231,44 @@ def test_tokenizer_style_matches_tokenizers(tmp_path, style):
     assert len(hf.get_vocab()) > 300 and tok.vocab_size == hf.get_vocab_size()
     assert (tok.bos_id is not None) == (tj["post_processor"] is not None and "Template" in json.dumps(tj["post_processor"]))
     bad_encode, bad_decode = [], []
-    for s in texts():
+    extra = [f"a{t}b {t} {t}{t}x" for t in GEMMA3_SPECIALS + GEMMA3_PLAIN] if "gemma3" in style else []
+    for s in texts() + extra:
         ids = tok.encode(s)
         if with_bos(ids, tok) != hf.encode(s).ids:
             bad_encode.append(s)
         if tok.decode(ids) != hf.decode(ids, skip_special_tokens=False):
             bad_decode.append(s)
-    print(f"{style}: {len(bad_encode)} encode and {len(bad_decode)} decode mismatches in 1000 strings")
+    print(f"{style}: {len(bad_encode)} encode and {len(bad_decode)} decode mismatches in "
+          f"{len(texts()) + len(extra)} strings")
     assert bad_encode == [] and bad_decode == []
+
+
+def test_gemma3_added_tokens_and_byte_fallback(tmp_path):
+    tj = gemma3_json()
+    tok = load_tokenizer(write(tmp_path, tj, eos_token="<eos>"))
+    ids = {t["content"]: t["id"] for t in tj["added_tokens"]}
+    assert tok.vocab_size == ids["<image_soft_token>"] + 1 > max(tj["model"]["vocab"].values()) + 1
+    assert tok.bos_id == ids["<bos>"] == 2 and tok.eos_id == ids["<eos>"] == 1
+    assert tok.encode("a\n\nb") == tok.encode("a") + [ids["\n\n"]] + tok.encode("b")
+    assert ids["<start_of_image>"] not in tok.encode("<start_of_image>")  # special: text stays text
+    assert tok.special("<start_of_image>") == ids["<start_of_image>"]
+    vocab = tj["model"]["vocab"]
+    assert tok.encode("🐙") == [vocab[f"<0x{b:02X}>"] for b in "🐙".encode()] and tok.decode(tok.encode("🐙")) == "🐙"
+    assert tok.enc.pieces[tok.encode("the fox")[-1]].startswith("▁")  # no "▁" first, one for each space
+
+
+def test_a_special_token_past_the_embedding_is_refused_only_when_used(tmp_path):
+    """Gemma 3's <image_soft_token> is one past gemma-3-1b's embedding: text never becomes it."""
+    folder = write(tmp_path, gemma3_json(), eos_token="<eos>", bos_token="<bos>",
+                   chat_template=(TEMPLATES / "gemma3.jinja").read_text())
+    tok = load_tokenizer(folder)
+    embedding = tok.special("<image_soft_token>")
+    check_vocab(tok, embedding, "ckpt")
+    assert max(render_chat([SYSTEM] + DIALOGUE, tok)) < embedding
+    with pytest.raises(ValueError, match="special token '<image_soft_token>' has id .*past the model's embedding"):
+        tok.special("<image_soft_token>")
+    with pytest.raises(ValueError, match="ckpt: the tokenizer has .* tokens but the model's embedding only"):
+        check_vocab(load_tokenizer(folder), embedding - 1, "ckpt")  # a non-special added token lies past it
 
 
 def test_byte_level_styles_round_trip_and_split_added_tokens(tmp_path):
@@ -267,13 +343,15 @@ FAMILIES = {
              "<s>", "<|endoftext|>"),
     "phi3.5": (["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"],
                "<s>", "<|endoftext|>"),
+    "gemma3": (GEMMA3_SPECIALS, "<bos>", "<eos>"),  # on gemma3_json, Gemma 3's own shape
 }
 STYLE = {"smollm2": "chatml", "qwen2.5": "chatml", "qwen3": "chatml", "llama3": "llama3", "llama3.1": "llama3.1",
          "llama3.2": "llama3.2",
-         "mistral-instruct": "mistral", "zephyr": "zephyr", "gemma2": "gemma", "phi3": "phi3", "phi3.5": "phi3.5"}
+         "mistral-instruct": "mistral", "zephyr": "zephyr", "gemma2": "gemma", "phi3": "phi3", "phi3.5": "phi3.5",
+         "gemma3": "gemma"}
 EOS = {"smollm2": "<|im_end|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>",
        "llama3.1": "<|eot_id|>", "llama3.2": "<|eot_id|>", "mistral-instruct": "</s>", "zephyr": "</s>", "gemma2": "<end_of_turn>",
-       "phi3": "<|end|>", "phi3.5": "<|end|>"}
+       "phi3": "<|end|>", "phi3.5": "<|end|>", "gemma3": "<end_of_turn>"}
 SYSTEM = {"role": "system", "content": "You are terse. 日本語 ok."}
 DIALOGUE = [{"role": "user", "content": "Hi there, 2 + 2?"}, {"role": "assistant", "content": "  4, of course.\n"},
             {"role": "user", "content": "And\ttimes 3?\n\nExplain  it. 🙂"}]
@@ -283,7 +361,9 @@ CONVERSATIONS = [DIALOGUE, [SYSTEM] + DIALOGUE, [{"role": "user", "content": "On
 
 def family_folder(tmp_path, family, sentencepiece=None):
     specials, bos, eos = FAMILIES[family]
-    if sentencepiece:
+    if family == "gemma3":
+        tj = gemma3_json()
+    elif sentencepiece:
         tj = sentencepiece_json(sentencepiece)
     else:
         tj = byte_level_json("qwen2", specials)
@@ -336,6 +416,29 @@ def test_text_after_a_special_token(tmp_path, form):
         if any(t in s for t in ("<s>", "</s>", "<unk>")):
             continue  # tokenizers would take those for the special tokens here
         assert [tok.eos_id] + tok.encode(s, first=False) == hf.encode("</s>" + s, add_special_tokens=False).ids, s
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral-instruct"])
+def test_bos_token_from_tokenizer_config_where_the_post_processor_has_none(tmp_path, family):
+    """The first Llama-3 release (and Mistral files alike): no post-processor puts a beginning-of-text
+    token first, but the template renders tokenizer_config.json's bos_token, as transformers does."""
+    specials, bos, eos = FAMILIES[family]
+    if family == "llama3":
+        tj = llama3_first_release_json()
+    else:
+        tj = sentencepiece_json("first")
+        tj["post_processor"] = None
+    folder = write(tmp_path / family, tj, chat_template=(TEMPLATES / f"{family}.jinja").read_text(),
+                   eos_token=eos, bos_token=bos)
+    from transformers import AutoTokenizer
+    tok, ref = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    assert tok.bos_id is None and ref("Hi there")["input_ids"] == tok.encode("Hi there")  # none for plain text
+    for turns in CONVERSATIONS:
+        ids = render_chat(turns, tok)
+        assert ids == ref.apply_chat_template(turns, tokenize=True, add_generation_prompt=True, return_dict=False)
+        assert ids[0] == tj["model"]["vocab"].get(bos, ref.convert_tokens_to_ids(bos))
+    row = encode_example(Example(DIALOGUE, "Fine."), tok, "chat")
+    assert row.prompt == render_chat(DIALOGUE, tok) and row.prompt.count(row.prompt[0]) == 1
 
 
 def test_default_system_turns(tmp_path):
