@@ -8,7 +8,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-
 import prepare_data  # noqa: E402
 from data import encode_example, load_rows, read_jsonl  # noqa: E402
 from plumbing.tokenizer import byte_tokenizer  # noqa: E402
