@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 
 UNITS = re.compile(r"\\(?:text|mbox)\{ [^{}]*\}$")  # '5\text{ cm}': the release's units rule
-UNIT_WORD = re.compile(r"(\d)\s*\\(?:text|mbox|mathrm)\{[a-zA-Z ]+\}$")  # '5\text{cm}', '5 \mbox{m}'
+# '5\text{cm}', '5 \mbox{m}': a unit word after a number
+UNIT_WORD = re.compile(r"(\d)\s*\\(?:text|mbox|mathrm)\{[a-zA-Z ]+\}$")
 TEXT = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
 WHOLE = re.compile(r"(-?\d+)\.0+")
 THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")

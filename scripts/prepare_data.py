@@ -231,6 +231,7 @@ def prepare(args) -> dict:
     rows = [r for group in good for r in group]
     if not rows:
         raise ValueError(f"{', '.join(args.inputs)}: no rows to write")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                    encoding="utf-8")

@@ -123,8 +123,8 @@ def test_tldr_both_published_shapes(tmp_path, capsys):
                                        "or dogs?\nI cannot choose.\n", "response": "cats or dogs?"}]
     tok = byte_tokenizer()
     row = encode_example(read_jsonl(out)[0], tok, "summarize")
-    assert tok.decode(row.prompt) == ("SUBREDDIT: r/AskReddit\n\nTITLE: Which pet?\n\nPOST: Cats or "
-                                      "dogs?\nI cannot choose.\n\nTL;DR:")
+    assert tok.decode(row.prompt) == ("SUBREDDIT: r/AskReddit\n\nTITLE: Which pet?\n\nPOST: "
+                                      "Cats or dogs?\nI cannot choose.\n\nTL;DR:")
     assert tok.decode(row.response[:-1]) == " cats or dogs?"
 
     carper = "SUBREDDIT: r/cooking\nTITLE: Rice\nPOST: How long?\nTL;DR:"
@@ -197,7 +197,8 @@ def test_ultrafeedback_pairs(tmp_path, capsys):
          "rejected": [ask, {"role": "assistant", "content": "Rocks."}],
          "messages": [ask, {"role": "assistant", "content": "Mango."}]},
         {"prompt": "Q", "chosen": [ask, {"role": "assistant", "content": "A"}],
-         "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "B"}]}])
+         "rejected": [{"role": "user", "content": "other"},
+                      {"role": "assistant", "content": "B"}]}])
     out = tmp_path / "pairs.jsonl"
     res, err = run("ultrafeedback", src, "--out", out, "--skip-bad", capsys=capsys)
     assert f"{src}:2: fields 'chosen' and 'rejected' must be the same turns" in err
