@@ -223,3 +223,21 @@ def test_a_cut_cache_line_is_asked_again_and_bad_input_is_one_line(tmp_path, ser
         "For the following query to a chatbot, which response is more helpful?")
     assert "[query]\nuser: hi\n\n[response A]" in server.requests[-1]["body"]["messages"][0][
         "content"]
+
+
+def test_alpaca_outputs_one_sample(tmp_path, capsys):
+    """scripts/alpaca_outputs.py: one sample of AlpacaEval generations as alpaca_eval reads them."""
+    import alpaca_outputs
+    ask = [{"role": "user", "content": "Name a colour."}]
+    rows = [{"id": 0, "sample": s, "prompt": ask, "generation": f"Blue {s}.", "reference": "Red."}
+            for s in range(3)]
+    gens = tmp_path / "alpaca.gen.jsonl"
+    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "outputs.json"
+    alpaca_outputs.main([str(gens), "--sample", "2", "--generator", "rac", "--out", str(out)])
+    assert json.loads(out.read_text()) == [
+        {"instruction": "Name a colour.", "output": "Blue 2.", "generator": "rac"}]
+    two = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, *ask]
+    gens.write_text(json.dumps({**rows[0], "prompt": two}) + "\n")
+    with pytest.raises(SystemExit, match=r"gen\.jsonl:1: AlpacaEval rows are one user turn"):
+        alpaca_outputs.main([str(gens), "--generator", "rac", "--out", str(out)])

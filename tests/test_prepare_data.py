@@ -226,3 +226,18 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
     empty.mkdir()
     msg, _ = run("math", empty, "--out", tmp_path / "o.jsonl", capsys=capsys)
     assert "no .json, .jsonl or .parquet file in this folder" in msg
+
+
+def test_the_standins_are_each_published_shape(tmp_path, capsys):
+    """scripts/standins.py's files (docs/reproduce.md's CPU run) convert with no bad row."""
+    import standins
+    standins.write(tmp_path / "dl", 8, 0)
+    capsys.readouterr()
+    dl = tmp_path / "dl"
+    for kind, source, rows in (
+            ("gsm8k", dl / "gsm8k" / "train.jsonl", 8), ("math", dl / "MATH" / "test", 4),
+            ("tldr", dl / "tldr" / "valid.jsonl", 4), ("ultrachat", dl / "ultrachat", 12),
+            ("alpaca_eval", dl / "alpaca_eval.json", 4),
+            ("ultrafeedback", dl / "ultrafeedback" / "train_prefs.jsonl", 8)):
+        res, err = run(kind, source, "--out", tmp_path / f"{kind}.jsonl", capsys=capsys)
+        assert (res["bad_rows_skipped"], res["rows_written"]) == (0, rows), (kind, err)
