@@ -21,6 +21,7 @@ import torch
 from plumbing.chat_templates import render_chat
 from plumbing.checks import json_object, parse_json, regular_lines
 from plumbing.device import to_device
+from plumbing.math_answers import normalize_math
 from plumbing.tokenizer import Tokenizer, with_bos
 
 
@@ -50,6 +51,7 @@ class Example:
     line: int = 0  # line in the source file, for error messages (0: not from a file)
     shape: str = "prompt"  # which JSONL shape it came from: "prompt", "messages" or "question"
     rejected: str | None = None  # a preference pair's rejected response (read_jsonl(pairs=True))
+    boxed: bool = False  # the answer is MATH's last \boxed{...}, not GSM8K's '#### N'
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Row:
     reference: str  # response text, for ROUGE
     rejected: list[int] | None = None  # a preference pair's rejected response ids + [eos_id]
     shape: str = "prompt"  # the JSONL shape it came from (Example.shape)
+    boxed: bool = False  # MATH: a reply's answer is its last \boxed{...} (Example.boxed)
 
 
 def _qa_ref_turns(turns: list[dict], y: str) -> list[dict]:
@@ -83,9 +86,9 @@ def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
         prompt = render_chat(turns, tok)
         ref = render_chat(_qa_ref_turns(turns, y), tok)
     elif task == "math":
-        if ex.shape == "question" and "####" not in y:  # its answer is what exact match scores
-            raise DataError(f"line {ex.line}: the answer has no final '#### <number>' "
-                            "(the math task scores it)")
+        if ex.shape == "question" and "####" not in y and not ex.boxed:  # exact match scores it
+            raise DataError(f"line {ex.line}: the answer has no final '#### <number>' (GSM8K) "
+                            "or \\boxed{...} (MATH), which the math task scores")
         # The paper's evaluation prompt has an empty system turn.
         prompt = render_chat([{"role": "system", "content": ""},
                               {"role": "user", "content": MATH_PROMPT.format(x=x)}], tok)
@@ -100,7 +103,7 @@ def encode_example(ex: Example, tok: Tokenizer, task: str) -> Row:
     else:
         raise ValueError(f"unknown task {task!r}, expected one of {TASKS}")
     return Row(with_bos(prompt, tok), tok.encode(y) + [tok.eos_id], with_bos(ref, tok), ex.answer,
-               ex.response, shape=ex.shape)
+               ex.response, shape=ex.shape, boxed=ex.boxed)
 
 
 def encode_rows(examples: list[Example], tok: Tokenizer, task: str, max_len: int,
@@ -228,14 +231,37 @@ def builtin_task(n: int, seed: int, terms: tuple[int, int] = (3, 5), digits: int
 # Evaluation: exact match on final answers, ROUGE F1 on summaries.
 
 
-def extract_answer(text: str, strict: bool = True) -> str | None:
-    """GSM8K's strict match: the number right after the last '####' (None without one). Not
-    strict: that, else the last number in the text (a laxer score, reported apart)."""
-    if "####" in text:
+def extract_answer(text: str, strict: bool = True, boxed: bool = False) -> str | None:
+    """GSM8K's strict match: the number right after the last '####' (None without one); boxed,
+    MATH's: what the last \\boxed{...} holds, in MATH's normal form (plumbing/math_answers.py).
+    Not strict: that, else the last number in the text (a laxer score, reported apart)."""
+    if boxed and (found := last_boxed(text)):
+        return normalize_math(found) or None
+    if "####" in text and not boxed:
         found = re.match(r"\s*(-?\d[\d,]*(?:\.\d+)?)", text.rsplit("####", 1)[1])
         return found[1].replace(",", "") if found else None
     nums = [] if strict else re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", text)
-    return nums[-1].replace(",", "") if nums else None
+    last = nums[-1].replace(",", "") if nums else None
+    return normalize_math(last) if boxed and last else last
+
+
+def last_boxed(text: str) -> str | None:
+    """What the last \\boxed{...} (or \\fbox{...}) holds, nested braces and all ('\\boxed 5': up
+    to the next '$'); None without one, or where its braces do not close."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start:].removeprefix("\\boxed").removeprefix("\\fbox")
+    if rest.startswith(" "):
+        return rest.split("$")[0].strip() or None
+    if not rest.startswith("{"):
+        return None
+    depth = 0
+    for j, c in enumerate(rest):
+        depth += (c == "{") - (c == "}")
+        if depth == 0:
+            return rest[1:j].strip() or None
+    return None
 
 
 def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
@@ -286,25 +312,27 @@ def _example(obj, where: str, line: int) -> Example:
                 raise DataError(f"{where}: field 'messages' must hold objects with string "
                                 "'role' and 'content'")
         check_turns(turns, where)
-        r = turns[-1]["content"]
-        ex = Example(turns[:-1], r, answer=final_answer(r), line=line, shape="messages")
+        ex = Example(turns[:-1], turns[-1]["content"], line=line, shape="messages")
     elif "question" in obj:
         q, a = _field(obj, "question", str, where), _field(obj, "answer", str, where)
-        ex = Example(q, a, answer=extract_answer(a), line=line, shape="question")
+        ex = Example(q, a, line=line, shape="question")
     elif "prompt" in obj or "response" in obj:
         r = _field(obj, "response", str, where)
-        ex = Example(_field(obj, "prompt", str, where), r, answer=final_answer(r), line=line)
+        ex = Example(_field(obj, "prompt", str, where), r, line=line)
     else:
         raise DataError(f"{where}: unknown shape with keys {sorted(obj)}; expected "
                         "prompt/response, messages, or question/answer")
     if not ex.response.strip():
         raise DataError(f"{where}: empty response")
+    ex.answer, ex.boxed = final_answer(ex.response)
     return ex
 
 
-def final_answer(response: str) -> str | None:
-    """A response with a final answer after '####' is scored by exact match, as GSM8K is."""
-    return extract_answer(response) if "####" in response else None
+def final_answer(response: str) -> tuple[str | None, bool]:
+    """(the answer exact match scores, whether it is MATH's): a response with a final answer
+    after '####' is scored as GSM8K is; else one with a \\boxed{...} answer as MATH is."""
+    boxed = "####" not in response and last_boxed(response) is not None
+    return (extract_answer(response, boxed=boxed) if "####" in response or boxed else None), boxed
 
 
 ROLES = ("system", "user", "assistant")

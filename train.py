@@ -647,19 +647,25 @@ def evaluate(model, rows, tok, task, micro_batch, gen_batch, max_new_tokens=None
         for_decoding(model)  # --fsdp's gathered copy, scored in fp32: bf16 from here on CUDA
         runs = [generate_answers(model, rows, tok, gen_batch, max_new_tokens, temperature,
                                  seed_for(seed, "eval", s), precision) for s in range(samples)]
-        n = sum(r.answer is not None for r in rows)
-        for name, strict in (("accuracy", True), ("accuracy_lenient", False)) if n else ():
-            acc = [sum(extract_answer(t, strict) == r.answer for t, r in zip(texts, rows)
-                       if r.answer is not None) / n for texts in runs]
-            out[name] = sum(acc) / samples
-            if strict and samples > 1:
-                out["accuracy_sd"] = statistics.stdev(acc)
-        if task == "summarize":
-            scores = [rouge(t, r.reference) for texts in runs for t, r in zip(texts, rows)]
-            out.update({k: sum(s[k] for s in scores) / len(scores)
-                        for k in ("rouge1", "rouge2", "rougeL")})
-        out["sample"] = runs[0][0]
+        out.update(score_answers(runs, rows, task), sample=runs[0][0])
     model.train()
+    return out
+
+
+def score_answers(runs: list[list[str]], rows, task) -> dict:
+    """Exact match (GSM8K's '####', MATH's \\boxed{}: data.extract_answer) and, for summaries,
+    ROUGE of `runs`, one list of answers in row order per sample, averaged over the samples."""
+    out, n, samples = {}, sum(r.answer is not None for r in rows), len(runs)
+    for name, strict in (("accuracy", True), ("accuracy_lenient", False)) if n else ():
+        acc = [sum(extract_answer(t, strict, r.boxed) == r.answer for t, r in zip(texts, rows)
+                   if r.answer is not None) / n for texts in runs]
+        out[name] = sum(acc) / samples
+        if strict and samples > 1:
+            out["accuracy_sd"] = statistics.stdev(acc)
+    if task == "summarize":
+        scores = [rouge(t, r.reference) for texts in runs for t, r in zip(texts, rows)]
+        out.update({k: sum(s[k] for s in scores) / len(scores)
+                    for k in ("rouge1", "rouge2", "rougeL")})
     return out
 
 

@@ -42,7 +42,7 @@ def make_pairs(init, data, out, samples=4, temperature=1.0, seed=0, task="arith"
                                        temperature=temperature,
                                        seed=train.seed_for(seed, "pairs", s))
         for i, text in zip(pending, texts):
-            if text.strip() and extract_answer(text) != rows[i].answer:
+            if text.strip() and extract_answer(text, boxed=rows[i].boxed) != rows[i].answer:
                 rejected[i] = text
         pending = [i for i in pending if i not in rejected]
     lines = []

@@ -66,7 +66,9 @@ def get_args(argv=None):
                    help="scratch: a small model from nothing; or a pretrained checkpoint folder "
                         "(scripts/fetch_smollm2.py writes one) that the warm-up starts from")
     p.add_argument("--gsm-dir", default=str(Path(__file__).resolve().parent.parent / "assets"
-                                            / "gsm"), help="train/dev/test.jsonl of --tasks gsm")
+                                            / "gsm"),
+                   help="train/dev/test.jsonl of --tasks gsm: make_gsm.py's, or GSM8K's or MATH's "
+                        "as scripts/prepare_data.py writes them (MATH scored by its \\boxed{})")
     p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0],
                    help="one continuation of every method per seed, all from the same warm-up")
     p.add_argument("--methods", nargs="+", default=["sft", "bash", "rac"], choices=train.METHODS)

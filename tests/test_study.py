@@ -29,12 +29,14 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def gsm_dir(folder: Path) -> Path:
-    """train/dev/test.jsonl in make_gsm.py's shape: {question, answer ending in '#### N'}."""
+def gsm_dir(folder: Path, kind: str = "gsm") -> Path:
+    """train/dev/test.jsonl in make_gsm.py's shape: {question, answer ending in '#### N'}; or
+    (kind "math") in MATH's as scripts/prepare_data.py writes it: the answer in a \\boxed{}."""
     folder.mkdir()
+    last = "\n#### {}" if kind == "gsm" else ", so the answer is $\\boxed{{{}}}$."
     for name, base in (("train", 0), ("dev", 100), ("test", 200)):
         rows = [{"question": f"Tom has {a} apples and gets {a % 7} more. How many now?",
-                 "answer": f"{a}+{a % 7}={a + a % 7}\n#### {a + a % 7}"}
+                 "answer": f"{a}+{a % 7}={a + a % 7}" + last.format(a + a % 7)}
                 for a in range(base, base + 10)]
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
@@ -50,8 +52,10 @@ def pretrained(tmp_path: Path, gsm: Path) -> Path:
     return out / "checkpoint"
 
 
-def test_gsm_from_a_pretrained_checkpoint(tmp_path):
-    gsm = gsm_dir(tmp_path / "gsm")
+@pytest.mark.parametrize("kind", ["gsm", "math"])
+def test_gsm_from_a_pretrained_checkpoint(tmp_path, kind):
+    """--tasks gsm on GSM-style splits, or on MATH-shaped ones scored by their \\boxed{}."""
+    gsm = gsm_dir(tmp_path / "gsm", kind)
     init = pretrained(tmp_path, gsm)
     out = tmp_path / "study"
     study.main(["--init", str(init), "--tasks", "gsm", "--gsm-dir", str(gsm), "--train-size",
@@ -74,6 +78,7 @@ def test_gsm_from_a_pretrained_checkpoint(tmp_path):
     tok, model = load_tokenizer(init), from_pretrained(init)
     rows, _ = load_rows(out / "gsm" / "data" / "test.jsonl", tok, "math",
                               model.config.block_size, "fail", False)
+    assert all(r.boxed == (kind == "math") and r.answer for r in rows)
     direct = train.evaluate(model, rows, tok, "math", 2, 256, 8)
     assert results[0]["val_loss"] == pytest.approx(direct["val_loss"], rel=1e-5)
     assert results[0]["accuracy"] == direct["accuracy"]
