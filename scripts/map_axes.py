@@ -418,6 +418,27 @@ def run(args):
     print((root / "length.md").read_text())
 
 
+def delta_plot(plt, cells, axis: str, delta, xlabel: str, what: str, path: Path):
+    """BASH's and RAC's paired Δ against continued SFT along `axis`, with 95 % intervals."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = sorted({c[axis] for c in cells})
+    for i, method in enumerate(("bash", "rac")):
+        cs = [c for c in cells if c["method"] == method and delta(c)]
+        ax.errorbar([c[axis] * (1.03 if i else 0.97) for c in cs], [delta(c)[0] for c in cs],
+                    yerr=[delta(c)[1] or 0.0 for c in cs], fmt="o-", capsize=3, c=f"C{i}",
+                    label=f"{method.upper()} − continued SFT")
+    ax.axhline(0, c="0.5", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("paired Δ test accuracy (points)")
+    ax.set_title(f"Δ vs continued SFT by {what}, mean ± 95 % interval")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def plots(root: Path, args, to: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -425,43 +446,14 @@ def plots(root: Path, args, to: Path):
     to.mkdir(parents=True, exist_ok=True)
     state = lengths_state(root)
     cells = [c for c in length_cells(state, args.seeds) if c["method"] != "sft"]
-    if cells:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for i, method in enumerate(("bash", "rac")):
-            cs = [c for c in cells if c["method"] == method]
-            x = [c["length"] for c in cs]
-            d = [c.get("delta_same_lr") or c["delta"] for c in cs]
-            ax.errorbar([v * (1.03 if i else 0.97) for v in x], [v[0] for v in d],
-                        yerr=[v[1] or 0.0 for v in d], fmt="o-", capsize=3, c=f"C{i}",
-                        label=f"{method.upper()} − continued SFT at its lr")
-        ax.axhline(0, c="0.5", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({c["length"] for c in cells}), map(str, sorted(
-            {c["length"] for c in cells})))
-        ax.set_xlabel("steps per answer (chain)")
-        ax.set_ylabel("paired Δ test accuracy (points)")
-        ax.set_title("Δ vs continued SFT by answer length, mean ± 95 % interval")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(to / "map_length.png", dpi=110)
-        print(f"wrote {to / 'map_length.png'}")
+    if cells:  # Δ vs continued SFT at the method's own lr (SFT's pick where the two agree)
+        delta_plot(plt, cells, "length", lambda c: c.get("delta_same_lr") or c["delta"],
+                   "steps per answer (chain)", "answer length", to / "map_length.png")
     d = study.saved_json(root / "data.json")
     if d and d.get("results"):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for i, method in enumerate(("bash", "rac")):
-            cs = [c for c in data_cells(d, args.seeds) if c["method"] == method]
-            ax.errorbar([100 * c["share"] * (1.03 if i else 0.97) for c in cs],
-                        [c["delta"][0] for c in cs], yerr=[c["delta"][1] or 0.0 for c in cs],
-                        fmt="o-", capsize=3, c=f"C{i}", label=f"{method.upper()} − continued SFT")
-        ax.axhline(0, c="0.5", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"share of the training pool (%), same number of steps; L={d['length']}")
-        ax.set_ylabel("paired Δ test accuracy (points)")
-        ax.set_title("Δ vs continued SFT by data size, mean ± 95 % interval")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(to / "map_data.png", dpi=110)
-        print(f"wrote {to / 'map_data.png'}")
+        delta_plot(plt, data_cells(d, args.seeds), "share", lambda c: c["delta"],
+                   f"share of the training pool, the same number of steps; L={d['length']}",
+                   "data size", to / "map_data.png")
     sp = {k: v.get("spread") for k, v in state.items() if v.get("spread")}
     if sp:
         length, spread_ = max(sp.items(), key=lambda kv: int(kv[0]))

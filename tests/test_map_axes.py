@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -17,16 +16,9 @@ import map_axes  # noqa: E402
 import study  # noqa: E402
 from data import load_rows  # noqa: E402
 from plumbing.tokenizer import byte_tokenizer  # noqa: E402
+from test_study import one_thread  # noqa: E402,F401  (its autouse fixture: one thread)
 
 REF = "5+4=9,9-4=5,5+8=13 #### 13"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("reply, slip", [
