@@ -454,23 +454,23 @@ def plots(root: Path, args, to: Path):
         delta_plot(plt, data_cells(d, args.seeds), "share", lambda c: c["delta"],
                    f"share of the training pool, the same number of steps; L={d['length']}",
                    "data size", to / "map_data.png")
-    sp = {k: v.get("spread") for k, v in state.items() if v.get("spread")}
-    if sp:
-        length, spread_ = max(sp.items(), key=lambda kv: int(kv[0]))
-        names = [n for n in ("stage", "sft", "bash", "rac") if n in spread_]
-        problems = len(spread_[names[0]])
-        fig, axes = plt.subplots(1, problems, figsize=(3.2 * problems, 3.6), squeeze=False)
-        for k, ax in enumerate(axes[0]):
-            ax.violinplot([spread_[n][k] for n in names], showmedians=True)
-            ax.set_xticks(range(1, len(names) + 1), names)
-            ax.set_title(f"test problem {k + 1}")
-            ax.set_ylabel("token edit distance to the reference" if k == 0 else "")
-        fig.suptitle(f"{args.spread_samples} answers at temperature {args.spread_temperature}, "
-                     f"L={length}")
+    sp = sorted(((int(k), v["spread"]) for k, v in state.items() if v.get("spread")))
+    if sp:  # a row of violins per length with a spread, a panel per test problem
+        problems = max(len(spread_["stage"]) for _, spread_ in sp)
+        fig, axes = plt.subplots(len(sp), problems, figsize=(3.2 * problems, 3.4 * len(sp)),
+                                 squeeze=False)
+        for row, (length, spread_) in zip(axes, sp):
+            names = [n for n in ("stage", "sft", "bash", "rac") if n in spread_]
+            for k, ax in enumerate(row[:len(spread_["stage"])]):
+                ax.violinplot([spread_[n][k] for n in names], showmedians=True)
+                ax.set_xticks(range(1, len(names) + 1), names)
+                ax.set_title(f"L={length}, test problem {k + 1}", fontsize=9)
+                ax.set_ylabel("token edit distance to the reference" if k == 0 else "")
+        fig.suptitle(f"{args.spread_samples} answers at temperature {args.spread_temperature} "
+                     "from the stage and each method's seed-0 checkpoint")
         fig.tight_layout()
         fig.savefig(to / "map_spread.png", dpi=110)
         print(f"wrote {to / 'map_spread.png'}")
-
 
 if __name__ == "__main__":
     main()
