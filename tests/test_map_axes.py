@@ -78,7 +78,7 @@ def test_the_context_holds_every_warmup_row(tmp_path, length):
 def test_both_axes_end_to_end_tiny(tmp_path):
     out = tmp_path / "axes"
     map_axes.main(["--lengths", "2", "3", "--data-length", "2", "--shares", "0.5", "1",
-                   "--seeds", "0", "1", "--train-size", "16", "--dev-size", "4", "--test-size",
+                   "--seeds", "0", "--train-size", "16", "--dev-size", "4", "--test-size",
                    "4", "--warmup-epochs", "2", "--warmup-eval-every", "1", "--n-layer", "1",
                    "--n-embd", "16", "--batch-size", "8", "--micro-batch-size", "8",
                    "--spread-length", "3", "--spread-problems", "2", "--spread-samples", "3",
@@ -88,10 +88,8 @@ def test_both_axes_end_to_end_tiny(tmp_path):
         assert [e for e, _ in st["curve"]] == [1, 2] and st["stage"] == 1  # never the last
         res = st["results"]
         for m in ("sft", "bash", "rac"):
-            for seed in (0, 1):
-                r = res[f"test|1|{m}|{seed}"]
-                assert 0 <= r["slip_share"] <= 1 and sum(r["slip_hist"]) == round(
-                    4 * r["slip_share"])
+            r = res[f"test|1|{m}|0"]
+            assert 0 <= r["slip_share"] <= 1 and sum(r["slip_hist"]) == round(4 * r["slip_share"])
         assert "label_precision" in res["test|1|rac|0"]
     spread = json.loads((out / "length-L3.json").read_text())["spread"]
     assert sorted(spread) == ["bash", "rac", "sft", "stage"]
@@ -99,10 +97,10 @@ def test_both_axes_end_to_end_tiny(tmp_path):
     d = json.loads((out / "data.json").read_text())
     res = d["results"]
     assert sorted(res) == sorted(f"test|{s}|{m}|{seed}" for s in ("0.5", "1")
-                                 for m in ("sft", "bash", "rac") for seed in (0, 1))
+                                 for m in ("sft", "bash", "rac") for seed in (0,))
     # the same number of steps: half the pool for twice the epochs
     assert res["test|0.5|bash|0"]["steps"] == res["test|1|bash|0"]["steps"]
-    assert res["test|0.5|sft|1"]["settings"]["epochs"] == 2 * res["test|1|sft|1"]["settings"][
+    assert res["test|0.5|sft|0"]["settings"]["epochs"] == 2 * res["test|1|sft|0"]["settings"][
         "epochs"]
     pool = {json.loads(line)["prompt"] for line in
             (out / "data-axis" / "share1.jsonl").read_text().splitlines()}
