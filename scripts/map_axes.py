@@ -10,7 +10,7 @@ continued SFT at every lr a method picked. Beside accuracy, from each run's gree
 where the first slip falls (the first step that differs from the reference's), the share of
 answers with a slip whose final answer is still right, and the offline statistics.
 
-Fig. 2 of the paper on this task (--spread-problems): at --spread-length, --spread-samples
+Fig. 2 of the paper on this task (--spread-problems): at each --spread-length, --spread-samples
 answers at temperature --spread-temperature to a few test problems from the stage checkpoint and
 each method's seed-0 checkpoint, and their token edit distance to the reference.
 
@@ -18,8 +18,9 @@ Data axis (--shares, at --data-length): from that length's stage, each method tr
 of a fresh pool of --train-size problems (none in train, dev or test) for the same number of
 steps as the full pool, with that length's dev picks, every seed.
 
-    OMP_NUM_THREADS=1 python scripts/map_axes.py --lengths 4 8 16      # one process per core
-    OMP_NUM_THREADS=1 python scripts/map_axes.py --lengths 32 --data-length 0
+    python scripts/map_axes.py                 # every length, the spreads, the data axis
+    OMP_NUM_THREADS=1 python scripts/map_axes.py --lengths 16 8 4               # or a process
+    OMP_NUM_THREADS=1 python scripts/map_axes.py --lengths 24 32 --data-length 0  # per core
     python scripts/map_axes.py --plot-only
 
 Results go to <out>/length-L<L>.json (one per length, so lengths can run in parallel processes),
@@ -52,9 +53,9 @@ from plumbing.tokenizer import load_tokenizer  # noqa: E402
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=positive_int, nargs="*", default=[4, 8, 16, 32],
+    p.add_argument("--lengths", type=positive_int, nargs="*", default=[4, 8, 16, 24, 32],
                    help="steps per answer")
-    p.add_argument("--data-length", type=non_negative_int, default=8,
+    p.add_argument("--data-length", type=non_negative_int, default=16,
                    help="the length of the data axis (0: no data axis in this process)")
     p.add_argument("--shares", type=fraction, nargs="+", default=[0.1, 0.2, 0.5, 1.0])
     p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -86,7 +87,8 @@ def get_args(argv=None):
     g.add_argument("--betas", type=fraction, nargs="+", default=[0.2, 0.5])
     g.add_argument("--rac-temperatures", type=non_negative_float, nargs="+", default=[0.5])
     g = p.add_argument_group("the spread of sampled answers (the paper's Fig. 2)")
-    g.add_argument("--spread-length", type=positive_int, default=32)
+    g.add_argument("--spread-length", type=positive_int, nargs="*", default=[24, 32],
+                   help="the lengths whose checkpoints are sampled for the spread")
     g.add_argument("--spread-problems", type=non_negative_int, default=4)
     g.add_argument("--spread-samples", type=positive_int, default=256)
     g.add_argument("--spread-temperature", type=positive_float, default=0.7)
@@ -405,7 +407,7 @@ def run(args):
             st = study.saved_json(path) or {}
             save = saver(path, st, root, args)
             length_point(length, args, st, save)
-            if length == args.spread_length:
+            if length in args.spread_length:
                 spread(length, st, args, save)
         if args.data_length:
             d = study.saved_json(root / "data.json") or {}

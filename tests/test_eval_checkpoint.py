@@ -8,21 +8,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import eval_checkpoint  # noqa: E402
 import train  # noqa: E402
 from data import load_rows  # noqa: E402
 from model import from_pretrained  # noqa: E402
 from plumbing.tokenizer import load_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from test_train import one_thread  # noqa: E402,F401  (one intra-op thread, module-wide)
 
 
 def jsonl(path: Path, rows) -> Path:
