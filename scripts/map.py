@@ -202,14 +202,19 @@ def cells(task, stages, curve, results, seeds) -> list[dict]:
     return rows
 
 
+def cell(v, spec: str) -> str:
+    """A (mean, interval) pair as "mean ± interval" in `spec`; "-" for None."""
+    if v is None:
+        return "-"
+    return format(v[0], spec) + ("" if v[1] is None else f" ± {format(v[1], spec.lstrip('+'))}")
+
+
 def table(task, cells_, warm) -> str:
     head = ["stage (warm-up epoch)", "warm-up test %", "method", "settings", "test accuracy %",
             "Δ vs SFT (points)", "Δ vs SFT at its lr", "ŷ differs from y", "z corrected",
             "rows without correction", "label precision", "labels defined"]
     lines = [f"**{task}**: mean ± 95 % interval over seeds; Δ paired by seed", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    cell = lambda v, spec: "-" if v is None else (  # noqa: E731
-        format(v[0], spec) + ("" if v[1] is None else f" ± {format(v[1], spec.lstrip('+'))}"))
     for c in cells_:
         s = c["settings"]
         shown = f"lr {s['lr']:g}" + (f", β {s['beta']:g}" if c["method"] == "bash" else "") + (

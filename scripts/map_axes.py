@@ -30,7 +30,6 @@ rerun skips what is there); pictures to --to (docs/map_length.png, map_data.png,
 import argparse
 import copy
 import json
-import os
 import random
 import sys
 import time
@@ -225,13 +224,16 @@ def length_cells(state, seeds) -> list[dict]:
     return out
 
 
+SHOWN = [("accuracy", ".1f"), ("delta", "+.1f"), ("delta_same_lr", "+.1f"), ("slip_share", ".2f"),
+         ("slip_position", ".2f"), ("recovered_share", ".2f"), ("differs_from_y_share", ".3f"),
+         ("corrected_share", ".3f"), ("label_precision", ".2f")]  # length.md's columns from 6 on
+
+
 def length_table(state, cells) -> str:
     head = ["steps", "stage: epoch (dev %)", "stage test %", "method", "settings", "test %",
             "Δ vs SFT", "Δ vs SFT at its lr", "answers with a slip", "first slip at",
             "recovered after a slip", "ŷ differs", "z corrected", "label precision"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    cell = lambda v, spec: "-" if not v else (  # noqa: E731
-        format(v[0], spec) + ("" if v[1] is None else f" ± {format(v[1], spec.lstrip('+'))}"))
     for c in cells:
         st, s = state[str(c["length"])], c["settings"]
         w = st["warm_test"]
@@ -240,11 +242,7 @@ def length_table(state, cells) -> str:
         lines.append("| " + " | ".join([
             str(c["length"]), f"{st['stage']} ({100 * c['dev_accuracy']:.0f})",
             f"{100 * w['accuracy']:.1f} (slips {w['slip_share']:.2f})", c["method"], shown,
-            cell(c["accuracy"], ".1f"), cell(c["delta"], "+.1f"),
-            cell(c.get("delta_same_lr"), "+.1f"), cell(c["slip_share"], ".2f"),
-            cell(c["slip_position"], ".2f"), cell(c["recovered_share"], ".2f"),
-            cell(c.get("differs_from_y_share"), ".3f"), cell(c.get("corrected_share"), ".3f"),
-            cell(c.get("label_precision"), ".2f")]) + " |")
+            *(map_.cell(c.get(k), spec) for k, spec in SHOWN)]) + " |")
     return "\n".join(lines)
 
 
@@ -344,22 +342,14 @@ def data_cells(state, seeds) -> list[dict]:
 
 def data_table(cells) -> str:
     lines = ["| share of the pool | method | test % | Δ vs SFT |", "|---|---|---|---|"]
-    cell = lambda v, spec: "-" if not v else (  # noqa: E731
-        format(v[0], spec) + ("" if v[1] is None else f" ± {format(v[1], spec.lstrip('+'))}"))
     for c in cells:
-        lines.append(f"| {c['share']:g} | {c['method']} | {cell(c['accuracy'], '.1f')} | "
-                     f"{cell(c['delta'], '+.1f')} |")
+        lines.append(f"| {c['share']:g} | {c['method']} | {map_.cell(c['accuracy'], '.1f')} | "
+                     f"{map_.cell(c['delta'], '+.1f')} |")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
 # Saving, pictures, main
-
-
-def write_atomic(path: Path, body: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(body)
-    os.replace(tmp, path)
 
 
 def lengths_state(root: Path) -> dict:
@@ -373,11 +363,11 @@ def tables(root: Path, args) -> None:
     state = lengths_state(root)
     walls = ", ".join(f"L={k}: {v.get('wall_s', 0) / 60:.0f} min" for k, v in
                       sorted(state.items(), key=lambda kv: int(kv[0])))
-    write_atomic(root / "length.md", "mean ± 95 % interval over seeds; Δ paired by seed\n\n" +
+    study.write_atomic(root / "length.md", "mean ± 95 % interval over seeds; Δ paired by seed\n\n" +
                  length_table(state, length_cells(state, args.seeds)) + f"\n\nwall {walls}\n")
     d = study.saved_json(root / "data.json")
     if d:
-        write_atomic(root / "data.md", f"length {d['length']}, stage epoch {d['stage']}\n\n" +
+        study.write_atomic(root / "data.md", f"length {d['length']}, stage epoch {d['stage']}\n\n" +
                      data_table(data_cells(d, args.seeds)) +
                      f"\n\nwall {d.get('wall_s', 0) / 60:.0f} min\n")
 
@@ -388,7 +378,7 @@ def saver(path: Path, st: dict, root: Path, args):
 
     def save():
         st["wall_s"] = before + time.perf_counter() - t0
-        write_atomic(path, json.dumps(st, indent=1))
+        study.write_atomic(path, json.dumps(st, indent=1))
         tables(root, args)
     return save
 
